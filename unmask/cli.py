@@ -1,0 +1,47 @@
+"""`unmask <command>`: each command lives in its own module, imported only when run (start-up stays fast:
+`prepare-data` never imports deepspeed)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> module defining `add_arguments(parser)` and `run(args) -> int`
+COMMANDS = {
+    "prepare-data": ("unmask.data.cli", "tokenize a corpus into packed webdataset shards"),
+    "train": ("unmask.train.cli", "masked-diffusion (or autoregressive) pretraining"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="unmask", description="Masked-diffusion language model pretraining.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if argv and argv[0] in COMMANDS:  # build only the parser that runs
+        names = [argv[0]]
+    else:
+        names = list(COMMANDS)
+    modules = {}
+    for name in names:
+        module_name, help_text = COMMANDS[name]
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if len(names) == 1:
+            modules[name] = importlib.import_module(module_name)
+            modules[name].add_arguments(p)
+    args, extra = parser.parse_known_args(argv)
+    module = modules[args.command]
+    if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    from unmask.errors import UnmaskError
+
+    try:
+        return int(module.run(args) or 0)
+    except UnmaskError as e:
+        print(f"unmask {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Typed, validated run configuration: one pydantic model per section, TOML presets plus overrides.
+
+A config file is TOML with the sections below; `--section.key=value` arguments override it. Every
+problem (unknown key, wrong type, impossible value) becomes one `ConfigError` line naming the key,
+the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from unmask.errors import ConfigError
+from unmask.model.sizes import MODEL_SIZES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The bidirectional transformer. `size` fills every field not given explicitly."""
+
+    size: str | None = Field(None, description=f"named size preset: one of {sorted(MODEL_SIZES)}")
+    dim: int = Field(256, gt=0, description="model width (hidden size)")
+    n_layers: int = Field(4, gt=0, description="number of transformer blocks")
+    n_heads: int = Field(4, gt=0, description="attention heads; must divide dim")
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads (GQA); default n_heads")
+    ffn_dim: int = Field(768, gt=0, description="SwiGLU hidden width")
+    vocab_size: int = Field(4096, gt=5, description="embedding rows; >= the tokenizer's vocabulary")
+    max_seq_len: int = Field(1024, gt=0, description="longest sequence the rotary tables cover")
+    rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
+    tie_embeddings: bool = Field(False, description="share input embedding and output projection")
+    time_conditioning: bool = Field(
+        False, description="adaLN conditioning on the diffusion time t (MDLM-DiT); off as in LLaDA"
+    )
+    cond_dim: int = Field(128, gt=0, description="width of the time embedding when time_conditioning")
+    init_std: float = Field(0.02, gt=0, description="std of the normal weight init")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("size") is not None:
+            size = data["size"]
+            if size not in MODEL_SIZES:
+                raise ValueError(f"unknown size {size!r}; allowed: {sorted(MODEL_SIZES)}")
+            return {**MODEL_SIZES[size], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
+        if self.kv_heads > self.n_heads or self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+class DiffusionConfig(Section):
+    """The training objective: masked diffusion (MDLM/MD4) or the autoregressive baseline."""
+
+    objective: Literal["mdlm", "ar"] = Field("mdlm", description="mdlm: masked diffusion; ar: causal LM")
+    schedule: str = Field("loglinear", description="noise schedule alpha(t): loglinear or cosine")
+    eps: float = Field(1e-3, gt=0, lt=1, description="smallest time sampled, t in (eps, 1]")
+    antithetic: bool = Field(True, description="low-discrepancy time sampling over the batch")
+    random_length_prob: float = Field(
+        0.0, ge=0, le=1, description="fraction of batches cropped to a random length (LLaDA uses 0.01)"
+    )
+    prompt_conditioned: bool = Field(False, description="never mask prompt tokens (SFT); needs prompt masks")
+
+
+class DataConfig(Section):
+    """Tokenized shards written by `unmask prepare-data`."""
+
+    train_dir: str = Field("data/shards/train", description="directory with manifest.json and .tar shards")
+    val_dir: str | None = Field("data/shards/val", description="validation shards; none disables validation")
+    num_workers: int = Field(0, ge=0, description="loader worker processes per rank")
+    shuffle_buffer: int = Field(1000, ge=0, description="in-memory sample shuffle buffer (0: none)")
+    on_corrupt: Literal["error", "skip"] = Field(
+        "error", description="a corrupted shard stops the run (error) or is skipped and counted (skip)"
+    )
+
+
+class OptimConfig(Section):
+    """torch AdamW with warmup then decay."""
+
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (not on norms/biases)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2")
+    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0: no clipping)")
+
+
+class TrainConfig(Section):
+    """The training run itself."""
+
+    run_dir: str = Field("runs/default", description="where config, metrics and checkpoints go")
+    steps: int = Field(1000, gt=0, description="optimizer steps to train")
+    seq_len: int = Field(256, gt=0, description="tokens per sample; must equal the shards' seq_len")
+    micro_batch_size: int = Field(8, gt=0, description="samples per forward/backward per rank")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast")
+    seed: int = Field(0, ge=0, description="seed for init, masking and data order")
+    log_every: int = Field(10, gt=0, description="steps between metrics rows")
+    val_every: int = Field(200, ge=0, description="steps between validations (0: only at the end)")
+    val_batches: int = Field(8, ge=1, description="validation micro-batches per evaluation")
+    val_time_samples: int = Field(4, ge=1, description="fixed-grid time samples per validation batch")
+    compile: bool = Field(False, description="torch.compile the model")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+
+class ParallelConfig(Section):
+    """Parallel layout; dp is inferred as world_size / (tp * pp)."""
+
+    tp: int = Field(1, gt=0, description="tensor-parallel degree (megatron-core layers)")
+    pp: int = Field(1, gt=0, description="pipeline-parallel degree (DeepSpeed PipelineModule)")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3")
+    engine: Literal["local", "deepspeed"] = Field("local", description="local: plain torch; deepspeed")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    cpu_offload: bool = Field(False, description="ZeRO optimizer-state offload to CPU")
+    sequence_parallel: bool = Field(False, description="megatron sequence parallelism (GPU only)")
+
+
+class TrackingConfig(Section):
+    """Experiment tracking (mlflow, local sqlite store by default)."""
+
+    enabled: bool = Field(False, description="log to mlflow")
+    uri: str | None = Field(None, description="tracking URI; default MLFLOW_TRACKING_URI or sqlite in run_dir")
+    experiment: str = Field("unmask", description="mlflow experiment name")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        from unmask.diffusion.schedule import SCHEDULES
+
+        if self.diffusion.schedule not in SCHEDULES:
+            raise ValueError(f"diffusion.schedule={self.diffusion.schedule!r}; allowed: {sorted(SCHEDULES)}")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+    def to_toml(self) -> str:
+        return dump_toml(self.model_dump(mode="json", exclude_none=True))
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for tracking params."""
+        return {f"{s}.{k}": v for s, sec in self.model_dump(mode="json").items() for k, v in sec.items()}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """`--section.key=value` (value parsed as TOML, else kept as a string) -> nested dict."""
+    out: dict[str, dict[str, Any]] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r} is not of the form --section.key=value")
+        key, raw = arg[2:].split("=", 1)
+        section, _, field = key.partition(".")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a TOML preset, apply overrides, validate. Raises ConfigError with one readable line."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        for section, fields in extra.items():
+            if not isinstance(data.get(section, {}), dict):
+                raise ConfigError(f"{section} is not a config section")
+            data.setdefault(section, {}).update(fields)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {describe(e)}") from None
+
+
+def describe(error: ValidationError) -> str:
+    """The first pydantic error as `key=value: problem` (sibling errors follow the same fix)."""
+    err = error.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r}; check the spelling against `unmask train --help-config`"
+    if err["type"] == "missing":
+        return f"missing key {key!r}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f"={json.dumps(value, default=str)}"
+    return f"{key}{shown}: {msg}"
+
+
+def dump_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Minimal TOML writer for our flat sections (tomllib only reads)."""
+    lines: list[str] = []
+    for section, fields in data.items():
+        lines.append(f"[{section}]")
+        for key, value in fields.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_help() -> str:
+    """Every field with its type, default and description, for `--help-config`."""
+    rows = []
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        rows.append(f"[{name}]  {section.__doc__.strip().splitlines()[0]}")
+        for key, f in section.model_fields.items():
+            rows.append(f"  {name}.{key} = {f.default!r:<12} {f.description}")
+    return "\n".join(rows)

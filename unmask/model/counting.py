@@ -1,0 +1,43 @@
+"""Parameter count and training FLOPs per token, from the config alone (no model needed).
+
+Used by the planner and MFU; tests check both against an instantiated model and FlopCounterMode.
+"""
+
+from __future__ import annotations
+
+from unmask.config import ModelConfig
+
+
+def block_params(cfg: ModelConfig) -> int:
+    attn = cfg.dim * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+    mlp = 3 * cfg.dim * cfg.ffn_dim
+    norms = 2 * cfg.dim
+    adaln = (cfg.cond_dim + 1) * 6 * cfg.dim if cfg.time_conditioning else 0
+    return attn + mlp + norms + adaln
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Every trainable parameter (a tied output projection counted once)."""
+    embed = cfg.vocab_size * cfg.dim
+    output = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    time = (256 + 1) * cfg.cond_dim + (cfg.cond_dim + 1) * cfg.cond_dim if cfg.time_conditioning else 0
+    return embed + output + time + cfg.n_layers * block_params(cfg) + cfg.dim
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: blocks' projections and the output head.
+
+    The embedding lookup and the norms do no matmul; the per-sample time MLP is negligible."""
+    per_block = cfg.dim * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+    per_block += 3 * cfg.dim * cfg.ffn_dim
+    return cfg.n_layers * per_block + cfg.vocab_size * cfg.dim
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward + backward FLOPs per token: 6 * matmul params + attention scores and values.
+
+    Attention per layer per token: QK^T and AV are 2 * 2 * seq_len * (n_heads * head_dim) forward,
+    times 3 for forward + backward = 12 * seq_len * n_heads * head_dim (PaLM / Megatron counting; full
+    attention is counted for causal models too, as Megatron and torchtitan do)."""
+    attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    return 6 * matmul_params(cfg) + attention

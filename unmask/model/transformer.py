@@ -1,0 +1,195 @@
+"""The unmask backbone: a plain-PyTorch bidirectional transformer mapping tokens (and optionally t) to logits.
+
+Architecture choices:
+- pre-norm blocks with RMSNorm, no biases in projections (Llama/LLaDA);
+- rotary position embeddings on queries and keys;
+- SwiGLU feed-forward;
+- attention through `scaled_dot_product_attention`, non-causal by default; `causal=True` gives the
+  autoregressive baseline with the same weights layout;
+- grouped-query attention when n_kv_heads < n_heads;
+- optional tied input/output embeddings;
+- optional adaLN-zero time conditioning (MDLM's DiT); off by default, as in LLaDA, since masked
+  diffusion needs no time input (the mask count carries it).
+
+The model knows nothing about ranks or the objective: parallelism replaces its Linear/Embedding
+modules from outside (unmask.parallel), and the `<mask>` handling lives in unmask.diffusion.
+Projections are separate modules (wq, wk, wv, w1, w3) so tensor parallelism can shard each one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmask.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim/2] in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the GPT-NeoX/Llama-HF layout). x: [B, H, L, D]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]  # [1, 1, L, D/2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.causal = causal
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        # Head counts come from the projection widths so a tensor-parallel shard works unchanged.
+        q = self.wq(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
+        k = self.wk(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        v = self.wv(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, Hq, L, D]
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, causal)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        # adaLN-zero: shift/scale/gate for both sublayers from the time embedding.
+        self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if cfg.time_conditioning else None
+
+    def forward(self, x, cos, sin, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.adaln is None:
+            x = x + self.attention(self.attention_norm(x), cos, sin)
+            return x + self.feed_forward(self.ffn_norm(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)
+        h = self.attention_norm(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.attention(h, cos, sin)
+        h = self.ffn_norm(x) * (1 + scale2) + shift2
+        return x + gate2 * self.feed_forward(h)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t in [0, 1] -> MLP -> [B, cond_dim] (DiT's TimestepEmbedder)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool = False):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.time_embedding = TimeEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
+        self.layers = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V]."""
+        L = tokens.shape[1]
+        cond = None
+        if self.time_embedding is not None:
+            if t is None:
+                raise ValueError("this model is time-conditioned: pass t ([batch] in [0, 1])")
+            cond = F.silu(self.time_embedding(t))
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cond)
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place (after `to_empty` from the meta device)."""
+        cfg = self.cfg
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        # Residual-branch outputs get std / sqrt(2 * n_layers) (GPT-2/Megatron scaled init).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+            elif isinstance(module, nn.Linear):
+                std = out_std if name.endswith(("wo", "w2")) else cfg.init_std
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in self.layers:
+            if layer.adaln is not None:  # adaLN-zero: every block starts as the identity
+                nn.init.zeros_(layer.adaln.weight)
+                nn.init.zeros_(layer.adaln.bias)
+        if cfg.tie_embeddings:  # the output re-uses the embedding; keep its init
+            self.output.weight = self.tok_embeddings.weight
+
+
+def build_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu") -> Transformer:
+    """Build on the meta device (no memory touched), materialise on `device`, then `init_weights()`.
+
+    The caller seeds torch beforehand; parallel wrappers may be applied between the meta build and
+    materialisation by building with `device="meta"` and calling `to_empty` + `init_weights` themselves.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg, causal=causal)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
