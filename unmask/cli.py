@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "prepare-data": ("unmask.data.cli", "tokenize a corpus into packed webdataset shards"),
     "train": ("unmask.train.cli", "masked-diffusion (or autoregressive) pretraining"),
+    "launch": ("unmask.launcher.cli", "print or run the torchrun command / render the sbatch script"),
 }
 
 

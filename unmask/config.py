@@ -8,10 +8,10 @@ the value given and what is allowed.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from unmask.errors import ConfigError
@@ -199,7 +199,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Read a TOML preset, apply overrides, validate. Raises ConfigError with one readable line."""
     data: dict[str, Any] = {}
-    where = "defaults"
+    where = "command line"
     if path is not None:
         path = Path(path)
         where = str(path)

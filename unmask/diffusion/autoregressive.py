@@ -1,12 +1,14 @@
 """The autoregressive baseline: same backbone with causal attention, next-token loss.
 
-Its perplexity on held-out shards is directly comparable with the masked-diffusion perplexity bound."""
+Its perplexity on held-out shards is directly comparable with the masked-diffusion perplexity bound
+(the AR model predicts tokens 2..L of each sequence; the diffusion bound covers all L)."""
 
 from __future__ import annotations
 
 import torch
 
-from unmask.diffusion.objective import DenseVocab, LossOutput
+from unmask.diffusion.noise import BatchKey
+from unmask.diffusion.objective import Corrupted, DenseVocab, LossOutput
 
 
 class Autoregressive:
@@ -14,22 +16,27 @@ class Autoregressive:
         self.pad_id = pad_id
         self.vocab = DenseVocab()
 
-    def _nll(self, model, x0: torch.Tensor):
-        logits = model(x0[:, :-1])  # [B, L-1, V]
-        targets = x0[:, 1:]  # [B, L-1]
-        valid = targets != self.pad_id
-        nll = self.vocab.nll(logits[valid], targets[valid])  # [N]
-        return nll, valid
+    def corrupt(self, x0: torch.Tensor, key: BatchKey | None = None, prompt_mask=None) -> Corrupted:
+        return Corrupted((x0[:, :-1],), (x0[:, 1:],))  # inputs [B, L-1], targets [B, L-1]
 
-    def loss(self, model, x0, generator=None, prompt_mask=None) -> LossOutput:
-        nll, valid = self._nll(model, x0)
+    def loss_from_logits(self, logits: torch.Tensor, targets: tuple) -> LossOutput:
+        (y,) = targets
+        valid = y != self.pad_id
+        nll = self.vocab.nll(logits[valid], y[valid])  # [N]
         num_tokens = int(valid.sum())
         return LossOutput(nll.sum() / max(num_tokens, 1), num_tokens)
 
+    def loss(self, model, x0, key: BatchKey | None = None, prompt_mask=None) -> LossOutput:
+        c = self.corrupt(x0)
+        return self.loss_from_logits(model(*c.inputs), c.targets)
+
     @torch.no_grad()
     def eval_terms(self, model, x0, time_samples: int = 1, seed: int = 0):
-        """Exact NLL per sequence [B] (summed) and predicted-token counts [B]; no randomness."""
-        nll, valid = self._nll(model, x0)
+        """Exact NLL summed per sequence [B] and predicted-token counts [B]; no randomness."""
+        c = self.corrupt(x0)
+        (y,) = c.targets
+        valid = y != self.pad_id
+        nll = self.vocab.nll(model(*c.inputs)[valid], y[valid])
         per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
         per_seq.index_add_(0, valid.nonzero()[:, 0], nll.double())
         return per_seq, valid.sum(1)

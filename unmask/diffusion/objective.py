@@ -1,8 +1,10 @@
 """Training objectives. Each maps (network, clean tokens x0) to a per-token-normalised loss.
 
 The network only maps tokens (and t) to logits; masking, time sampling, the SUBS parameterisation and
-loss weighting live here. `MaskedDiffusion` is MDLM/MD4's continuous-time ELBO; `Autoregressive`
-(in autoregressive.py) is the baseline that sits beside it.
+loss weighting live here. An objective works in two phases so pipeline parallelism can run them on
+different stages: `corrupt(x0, key)` gives the network inputs and the targets, `loss_from_logits`
+scores the network's output. `MaskedDiffusion` is MDLM/MD4's continuous-time ELBO; `Autoregressive`
+(autoregressive.py) is the baseline beside it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from unmask.config import DiffusionConfig
-from unmask.diffusion.schedule import get_schedule, sample_times, time_grid
+from unmask.diffusion.noise import BatchKey, per_sample_uniforms, step_generator
+from unmask.diffusion.schedule import get_schedule, time_grid
 
 
 @dataclass
@@ -23,12 +26,18 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Corrupted:
+    inputs: tuple  # positional arguments of the network: (xt,) or (xt, t)
+    targets: tuple[torch.Tensor, ...]  # what loss_from_logits needs; tensors only (pipeline-safe)
+
+
 class DenseVocab:
     """Cross-entropy over full-vocabulary logits. Tensor parallelism swaps in a vocab-parallel version
-    with the same two methods (unmask.parallel)."""
+    with the same method (unmask.parallel)."""
 
     def nll(self, logits: torch.Tensor, targets: torch.Tensor, suppress: int | None = None) -> torch.Tensor:
-        """-log softmax(logits)[target] per row, with token `suppress` excluded: logits [N, V] -> [N]."""
+        """-log softmax(logits)[target] per row, token `suppress` excluded: logits [N, V] -> [N]."""
         logits = logits.float()
         if suppress is not None:
             logits = logits.clone()
@@ -39,9 +48,8 @@ class DenseVocab:
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS parameterisation (MDLM): log p(x0 | xt) [B, L, V] in fp32.
 
-    The `<mask>` token is never predicted (logit -inf) and visible tokens are carried over
-    (probability 1 on themselves)."""
-    logits = logits.float()
+    `<mask>` is never predicted (logit -inf) and visible tokens are carried over (probability 1)."""
+    logits = logits.float().clone()
     logits[..., mask_id] = float("-inf")
     log_probs = logits.log_softmax(-1)
     visible = xt != mask_id
@@ -54,68 +62,88 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torc
 class MaskedDiffusion:
     """Masked diffusion ELBO: mask each token with probability 1 - alpha(t), predict it, weight by w(t)."""
 
-    def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int, time_conditioned: bool = False):
-        self.cfg, self.mask_id, self.pad_id = cfg, mask_id, pad_id
+    def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
+                 time_conditioned: bool = False):
+        self.cfg, self.mask_id, self.pad_id, self.seed = cfg, mask_id, pad_id, seed
         self.schedule = get_schedule(cfg.schedule)
         self.time_conditioned = time_conditioned
         self.vocab = DenseVocab()
 
-    def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
-             prompt_mask: torch.Tensor | None = None) -> LossOutput:
-        """x0: [B, L] clean tokens; prompt_mask: [B, L] bool, True where tokens are never masked."""
-        # 1. LLaDA: a small fraction of batches is cropped to a random length so the model sees short inputs.
+    def loss(self, model, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> LossOutput:
+        c = self.corrupt(x0, key, prompt_mask)
+        return self.loss_from_logits(model(*c.inputs), c.targets)
+
+    def corrupt(self, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> Corrupted:
+        """x0: [B, L] clean tokens; prompt_mask: [B, L] bool, True where tokens are never masked (SFT)."""
+        B, L = x0.shape
+        # 1. LLaDA: a small fraction of steps is cropped to a random length (same crop on every rank).
         if self.cfg.random_length_prob > 0:
-            if torch.rand((), generator=generator) < self.cfg.random_length_prob:
-                keep = int(torch.randint(1, x0.shape[1] + 1, (), generator=generator))
-                x0 = x0[:, :keep]
-                prompt_mask = None if prompt_mask is None else prompt_mask[:, :keep]
-        # 2. Times: t [B] in (eps, 1], antithetic over the batch.
-        t = sample_times(x0.shape[0], self.cfg.eps, self.cfg.antithetic, generator).to(x0.device)
-        return self._weighted_nll(model, x0, t, generator, prompt_mask, reduce=True)
-
-    @torch.no_grad()
-    def eval_terms(self, model, x0: torch.Tensor, time_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deterministic NELBO estimate: fixed midpoint time grid and a fixed mask seed.
-
-        Returns (weighted nll summed per sequence [B], token count per sequence [B]); the grid of
-        B * time_samples points is spread so every sequence sees `time_samples` distinct times."""
-        generator = torch.Generator(device=x0.device).manual_seed(seed)
-        B = x0.shape[0]
-        grid = time_grid(B * time_samples, self.cfg.eps, device=x0.device).view(B, time_samples)
-        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-        for k in range(time_samples):
-            nll_sum, counts = self._weighted_nll(model, x0, grid[:, k], generator, None, reduce=False)
-            total += nll_sum.double()
-        return total / time_samples, counts
-
-    def _weighted_nll(self, model, x0, t, generator, prompt_mask, reduce: bool):
+            g = step_generator(self.seed, key.step, -2)
+            if torch.rand((), generator=g) < self.cfg.random_length_prob:
+                L = int(torch.randint(1, L + 1, (), generator=g))
+                x0 = x0[:, :L]
+                prompt_mask = None if prompt_mask is None else prompt_mask[:, :L]
+        # 2. Times t: [B] in (eps, 1], antithetic over the global batch of the step.
+        t = self.times(key, B).to(x0.device)
         # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
+        u = per_sample_uniforms(self.seed, key, B, L).to(x0.device)  # [B, L]
+        return self._mask(x0, t, u, prompt_mask)
+
+    def times(self, key: BatchKey, batch: int) -> torch.Tensor:
+        u = torch.rand((), generator=step_generator(self.seed, key.step, -1))
+        idx = key.indices(batch).double()
+        if self.cfg.antithetic:  # offsets i/N cover (0, 1] evenly; one shared random shift per step
+            frac = (u + idx / key.global_batch) % 1
+        else:
+            frac = torch.stack([torch.rand((), generator=step_generator(self.seed, key.step, int(i)))
+                                for i in key.indices(batch)]).double()
+        return (self.cfg.eps + (1 - self.cfg.eps) * (1 - frac)).float()  # 1 - frac in (0, 1]
+
+    def _mask(self, x0, t, u, prompt_mask) -> Corrupted:
         maskable = x0 != self.pad_id  # [B, L]
         if prompt_mask is not None and self.cfg.prompt_conditioned:
             maskable &= ~prompt_mask
-        move = torch.rand(x0.shape, generator=generator, device=x0.device) < self.schedule.mask_prob(t)[:, None]
-        masked = move & maskable  # [B, L]
+        masked = (u < self.schedule.mask_prob(t)[:, None]) & maskable  # [B, L]
         xt = torch.where(masked, self.mask_id, x0)  # [B, L]
-        # 4. Network: logits [B, L, V]; only masked positions carry loss (SUBS: visible ones are copied).
-        logits = model(xt, t if self.time_conditioned else None)
-        nll = self.vocab.nll(logits[masked], x0[masked], suppress=self.mask_id)  # [N]
-        # 5. ELBO weight w(t) per masked token: [N].
-        weight = self.schedule.weight(t)[:, None].expand_as(x0)[masked]
-        weighted = nll * weight  # [N]
-        counts = maskable.sum(1)  # [B]
-        if not reduce:
-            per_seq = torch.zeros(x0.shape[0], dtype=weighted.dtype, device=x0.device)
-            per_seq.index_add_(0, masked.nonzero()[:, 0], weighted)
-            return per_seq, counts
-        # 6. Normalise per (maskable) token in the batch.
+        inputs = (xt, t) if self.time_conditioned else (xt,)
+        return Corrupted(inputs, (x0, masked, self.schedule.weight(t), maskable.sum(1)))
+
+    def loss_from_logits(self, logits: torch.Tensor, targets: tuple) -> LossOutput:
+        x0, masked, weight, counts = targets
+        # 4. Only masked positions carry loss (SUBS: visible tokens are copied, mask logit is -inf): [N].
+        nll = self.vocab.nll(logits[masked], x0[masked], suppress=self.mask_id)
+        # 5. ELBO weight w(t) of each masked token's sample: [N].
+        weighted = nll * weight[:, None].expand_as(x0)[masked]
+        # 6. Normalise per maskable (non-pad, non-prompt) token.
         num_tokens = int(counts.sum())
         loss = weighted.sum() / max(num_tokens, 1)
         return LossOutput(loss, num_tokens, {"mask_rate": float(masked.sum()) / max(num_tokens, 1)})
 
+    @torch.no_grad()
+    def eval_terms(self, model, x0: torch.Tensor, time_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic NELBO estimate: a fixed midpoint time grid and a fixed mask seed.
 
-def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, time_conditioned: bool = False):
+        Returns (weighted nll summed per sequence [B], maskable tokens per sequence [B]); the grid of
+        B * time_samples points is interleaved so each sequence sees `time_samples` spread-out times."""
+        g = torch.Generator().manual_seed(seed)
+        B, L = x0.shape
+        grid = time_grid(B * time_samples, self.cfg.eps).view(time_samples, B).t()  # [B, K]
+        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+        for k in range(time_samples):
+            t = grid[:, k].to(x0.device)
+            c = self._mask(x0, t, torch.rand(B, L, generator=g).to(x0.device), None)
+            x0_, masked, weight, counts = c.targets
+            nll = self.vocab.nll(model(*c.inputs)[masked], x0_[masked], suppress=self.mask_id)
+            per_seq = torch.zeros(B, dtype=torch.float64, device=x0.device)
+            per_seq.index_add_(0, masked.nonzero()[:, 0], (nll * weight[:, None].expand_as(x0)[masked]).double())
+            total += per_seq
+        return total / time_samples, counts
+
+
+def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
+                    time_conditioned: bool = False):
     if cfg.objective == "ar":
         from unmask.diffusion.autoregressive import Autoregressive
 
         return Autoregressive(pad_id)
-    return MaskedDiffusion(cfg, mask_id, pad_id, time_conditioned)
+    return MaskedDiffusion(cfg, mask_id, pad_id, seed, time_conditioned)

@@ -1,0 +1,25 @@
+"""`unmask train CONFIG [--section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML config (see configs/); overrides follow as --section.key=value")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+
+
+def run(args: argparse.Namespace) -> int:
+    from unmask.config import config_help, load_config
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    from unmask.train.loop import train
+
+    train(cfg)
+    return 0

@@ -1,0 +1,99 @@
+"""Engines run one optimizer step over a list of micro-batches; the train loop only talks to this interface.
+
+`LocalEngine` is plain PyTorch in one process. The parallel engines (DeepSpeed ZeRO/pipeline with
+megatron-core tensor parallelism) implement the same methods, so the loop never changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from unmask.config import Config
+from unmask.diffusion.noise import BatchKey
+from unmask.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over micro-batches (and data-parallel ranks)
+    grad_norm: float  # before clipping
+    lr: float
+    skipped: bool = False  # non-finite loss or gradient: no update was applied
+
+
+class Engine(Protocol):
+    model: nn.Module
+
+    def train_step(self, micro_batches: list[torch.Tensor], keys: list[BatchKey]) -> StepStats: ...
+
+    def eval_terms(self, x0: torch.Tensor, time_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def autocast(dtype: str, device: torch.device):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LocalEngine:
+    """One process: torch AdamW, LR schedule, accumulation, clipping, fp32 or bf16 autocast."""
+
+    def __init__(self, model: nn.Module, objective, cfg: Config):
+        self.model, self.objective, self.cfg = model, objective, cfg
+        self.device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.forward = torch.compile(model) if cfg.train.compile else model
+
+    def train_step(self, micro_batches, keys) -> StepStats:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for x0, key in zip(micro_batches, keys, strict=True):
+            with autocast(self.cfg.train.dtype, self.device):
+                out = self.objective.loss(self.forward, x0.to(self.device), key)
+            (out.loss / len(micro_batches)).backward()
+            total += out.loss.item()
+        clip = self.cfg.optim.grad_clip or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        lr = self.scheduler.get_last_lr()[0]
+        loss = total / len(micro_batches)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(loss, grad_norm, lr, skipped=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepStats(loss, grad_norm, lr)
+
+    @torch.no_grad()
+    def eval_terms(self, x0, time_samples, seed):
+        self.model.eval()
+        with autocast(self.cfg.train.dtype, self.device):
+            return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, seed)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_engine(cfg: Config, model: nn.Module, objective, dims) -> Engine:
+    if cfg.parallel.engine == "local":
+        return LocalEngine(model, objective, cfg)
+    from unmask.parallel.engine import build_deepspeed_engine
+
+    return build_deepspeed_engine(cfg, model, objective, dims)
