@@ -1,0 +1,62 @@
+"""`python -m unmask.launcher.agent [torchrun arguments]`: torchrun, with what a SLURM job needs added.
+
+The sbatch script runs this (one per node, under srun) instead of bare torchrun, because bare torchrun
+1. dies of SIGUSR1 (default action) when SLURM sends its warning before the time limit, orphaning the
+   workers; here the agent forwards SIGUSR1 to its workers, which save and exit;
+2. turns every worker failure into exit code 1; here workers that all exit with REQUEUE_EXIT_CODE make
+   the agent exit with it, so the sbatch script can tell "saved, requeue me" from a crash;
+3. needs --rdzv_endpoint/--rdzv_id on every node; under SLURM they default to the job's first node (port
+   derived from the job id) and the job id.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from unmask.launcher.env import REQUEUE_EXIT_CODE, discover
+
+
+def with_slurm_rendezvous(argv: list[str]) -> list[str]:
+    """Prepend --rdzv_endpoint/--rdzv_id from SLURM when the arguments do not give them."""
+    dist = discover()
+    given = {a.split("=", 1)[0].replace("-", "_") for a in argv}
+    extra = []
+    if dist.source == "slurm" and "__rdzv_endpoint" not in given:
+        extra += ["--rdzv_endpoint", f"{dist.master_addr}:{dist.master_port}"]
+    if dist.source == "slurm" and "__rdzv_id" not in given:
+        extra += ["--rdzv_id", f"slurm-{os.environ.get('SLURM_JOB_ID', 'job')}"]
+    return extra + argv
+
+
+def _forward_to_workers(signum: int, _frame) -> None:
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(with_slurm_rendezvous(sys.argv[1:] if argv is None else argv))
+    signal.signal(signal.SIGUSR1, _forward_to_workers)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        if codes == [REQUEUE_EXIT_CODE]:
+            print(f"unmask agent: workers saved and exited with {REQUEUE_EXIT_CODE}: requeue", file=sys.stderr)
+            return REQUEUE_EXIT_CODE
+        print(e.format_msg(), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

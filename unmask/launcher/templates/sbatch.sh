@@ -1,0 +1,17 @@
+#!/bin/bash
+# {{title}}
+# Rendered by `unmask launch --slurm`; change the `unmask launch` arguments rather than this file.
+{{directives}}
+#
+# Requeue: {{signal_seconds}} s before the time limit SLURM sends SIGUSR1 to the tasks of the step (not to
+# this shell: no "B:"). {{signal_path}}
+# Training saves its state and exits with {{requeue_code}}; this script then requeues the job, which resumes
+# from the checkpoint. --open-mode=append keeps every attempt's output in one log.
+
+srun {{srun_command}}
+rc=$?
+if [ "$rc" -eq {{requeue_code}} ]; then
+  echo "unmask: job $SLURM_JOB_ID saved its state (exit $rc); requeueing (restart count ${SLURM_RESTART_COUNT:-0})"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
