@@ -19,7 +19,10 @@ def run(args: argparse.Namespace) -> int:
         print(config_help())
         return 0
     cfg = load_config(args.config, args.overrides)
+    from unmask.launcher.env import export_torch_env
     from unmask.train.loop import train
+
+    export_torch_env()  # under plain srun: RANK/WORLD_SIZE/MASTER_* from SLURM_* (no-op under torchrun)
 
     train(cfg)
     return 0
