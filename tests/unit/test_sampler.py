@@ -1,0 +1,162 @@
+"""Sampler invariants on the tiny model: committed and fixed tokens never change, every mask is filled,
+NFE <= steps, caching is exact, blocks go left to right, guidance 0 is the conditional model."""
+
+import pytest
+import torch
+
+from unmask.config import ModelConfig
+from unmask.data.special import SpecialTokens
+from unmask.diffusion.sampler import SamplerConfig, block_ids, sample
+from unmask.diffusion.sampler_template import infill_template, prompt_template
+from unmask.model.transformer import build_model
+
+SP = SpecialTokens()
+VARIANTS = [
+    dict(kind="ancestral"),
+    dict(kind="ancestral", block_length=8),
+    dict(kind="remask", remasking="low_confidence"),
+    dict(kind="remask", remasking="random", block_length=8),
+]
+
+
+class Recorder(torch.nn.Module):
+    """Passes through to the model and keeps every input it was called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.calls = model, model.cfg, []
+
+    def forward(self, x, t=None):
+        self.calls.append(x.clone())
+        return self.model(x) if t is None else self.model(x, t)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from more threads, and on a busy machine their hand-offs cost 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(size="tiny"))
+
+
+def infill():
+    # prefix, a masked span, a fixed middle, a masked span, a fixed suffix; the second row is shorter
+    return infill_template([[[10, 11, 12], 6, [20, 21], 9, [30, 31]], [[40], 12, [41]]], SP)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fixed_and_committed_tokens_never_change_and_all_masks_fill(tiny, variant):
+    template, _ = infill()
+    model = Recorder(tiny)
+    out = sample(model, template, SamplerConfig(steps=12, **variant), SP).tokens
+    fixed = template != SP.mask
+    assert torch.equal(out[fixed], template[fixed])
+    assert not (out == SP.mask).any()
+    # every network input agrees with the final output wherever it was already unmasked
+    assert model.calls
+    for x in model.calls:
+        seen = x != SP.mask
+        assert torch.equal(x[seen], out[seen])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("steps", [1, 3, 16, 100])
+def test_steps_bound_network_calls(tiny, variant, steps):
+    template, _ = prompt_template([[7, 8, 9], [5]], 24, SP)
+    if variant.get("block_length"):
+        steps = max(steps, 3)  # 21 masks in blocks of 8: three blocks need three steps
+    model = Recorder(tiny)
+    res = sample(model, template, SamplerConfig(steps=steps, guidance=0.5, **variant), SP)
+    assert res.nfe == len(model.calls) <= steps
+    assert res.steps <= steps
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_caching_is_exact_and_saves_calls(tiny, variant):
+    template, _ = prompt_template([[7, 8, 9], [5, 6]], 20, SP)
+    runs = {c: sample(tiny, template, SamplerConfig(steps=64, seed=3, cache=c, **variant), SP) for c in (True, False)}
+    assert torch.equal(runs[True].tokens, runs[False].tokens)
+    assert runs[False].nfe == runs[False].steps  # the uncached baseline calls the network every step
+    assert runs[True].nfe < runs[False].nfe  # 64 steps for <= 19 masks: most steps change nothing
+
+
+@pytest.mark.parametrize("kind", ["ancestral", "remask"])
+def test_blocks_are_decoded_left_to_right(tiny, kind):
+    template, _ = infill()
+    blocks = block_ids(template == SP.mask, 4)
+    model = Recorder(tiny)
+    sample(model, template, SamplerConfig(kind=kind, steps=32, block_length=4), SP)
+    for x in model.calls:
+        for b in range(x.shape[0]):
+            open_blocks = blocks[b][(x[b] == SP.mask) & (blocks[b] >= 0)]
+            started = blocks[b][(x[b] != SP.mask) & (blocks[b] >= 0) & (template[b] == SP.mask)]
+            if len(open_blocks) and len(started):
+                # anything already generated lies in blocks no later than the first block with masks left
+                assert started.max() <= open_blocks.min()
+
+
+def test_guidance_weight_zero_is_the_conditional_model(tiny):
+    template, prompt_mask = prompt_template([[7, 8, 9, 10], [5, 6]], 20, SP)
+    cond, plain = Recorder(tiny), Recorder(tiny)
+    tiny_weight = 1e-300  # runs the guided path (2B rows per call) with a weight that vanishes in float32
+    guided = sample(cond, template, SamplerConfig(steps=8, guidance=tiny_weight), SP, prompt_mask=prompt_mask)
+    unguided = sample(plain, template, SamplerConfig(steps=8, guidance=0.0), SP, prompt_mask=prompt_mask)
+    assert torch.equal(guided.tokens, unguided.tokens)
+    assert cond.calls[0].shape[0] == 4 and plain.calls[0].shape[0] == 2
+    # the unconditional half sees the prompt masked and the rest unchanged
+    x, uncond = cond.calls[0][:2], cond.calls[0][2:]
+    assert (uncond[prompt_mask] == SP.mask).all() and torch.equal(uncond[~prompt_mask], x[~prompt_mask])
+
+
+class PromptSensitive(torch.nn.Module):
+    """Favours token 100 (logit +1) when the prompt at position 1 is visible, token 200 when it is masked."""
+
+    def forward(self, x, t=None):
+        logits = torch.zeros(*x.shape, 256)
+        visible = (x[:, 1] != SP.mask)[:, None].float()  # [B, 1]
+        logits[..., 100] = visible
+        logits[..., 200] = 1 - visible
+        return logits
+
+
+def test_guidance_pushes_towards_the_prompt_conditioned_prediction():
+    template, _ = prompt_template([[7, 8]] * 8, 40, SP)
+    share = {}
+    for w in (0.0, 3.0):
+        out = sample(PromptSensitive(), template, SamplerConfig(steps=4, guidance=w), SP)
+        generated = out.tokens[template == SP.mask]
+        share[w] = float((generated == 100).float().mean())
+    # w = 0: e / (e + 254) ~ 1%; w = 3: e^4 / (e^4 + e^-3 + 253) ~ 18%
+    assert share[0.0] < 0.05 and share[3.0] > 0.1, share
+
+
+def test_same_seed_same_output_other_seed_differs(tiny):
+    template, _ = prompt_template([[7, 8, 9]] * 3, 24, SP)
+    a, b, c = (sample(tiny, template, SamplerConfig(steps=10, seed=s), SP).tokens for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # rows of a batch draw their own noise
+
+
+def test_time_conditioned_model_gets_decreasing_times():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny", time_conditioning=True))
+    times = []
+
+    class Spy(torch.nn.Module):
+        cfg = model.cfg
+
+        def forward(self, x, t=None):
+            times.append(float(t[0]))
+            return model(x, t)
+
+    template, _ = prompt_template([[7, 8]], 16, SP)
+    out = sample(Spy(), template, SamplerConfig(steps=6, cache=False), SP)
+    assert not (out.tokens == SP.mask).any()
+    assert times == sorted(times, reverse=True) and times[0] == 1.0 and 0 < times[-1] < 1

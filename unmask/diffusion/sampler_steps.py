@@ -1,0 +1,164 @@
+"""One denoising step of each sampler, and the pieces they share.
+
+- `Denoiser` calls the network, applies classifier-free guidance and SUBS (the `<mask>` logit is -inf),
+  counts network evaluations (NFE) and remembers its last output (caching).
+- `choose_tokens` turns logits into tokens: temperature, top-k, top-p, then Gumbel-max in float64.
+- `Ancestral` (MDLM) and `Remask` (LLaDA/MaskGIT) each take the current tokens from time t to s < t.
+
+Random numbers are drawn in the same order whether or not the network is called, so a cached run
+reproduces an uncached one exactly for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from unmask.diffusion.schedule import Schedule
+
+
+class Denoiser:
+    """The network as the samplers see it: x_t [B, L] -> float64 logits of x0 at chosen positions [N, V]."""
+
+    def __init__(self, model, mask_id: int, time_conditioned: bool, guidance: float,
+                 prompt_mask: torch.Tensor | None, cache: bool):
+        self.model, self.mask_id, self.time_conditioned = model, mask_id, time_conditioned
+        self.guidance, self.prompt_mask, self.cache = guidance, prompt_mask, cache
+        self.nfe = 0
+        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None  # (x, t, logits [B, L, V])
+
+    def full_logits(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Guided logits [B, L, V] in the model's dtype; re-used when the input has not changed."""
+        if self.cache and self._last is not None:
+            last_x, last_t, last_logits = self._last
+            if torch.equal(last_x, x) and (not self.time_conditioned or last_t == t):
+                return last_logits
+        B = x.shape[0]
+        inputs = x
+        if self.guidance:  # unconditional = the same tokens with the prompt masked (SMDM/LLaDA)
+            inputs = torch.cat([x, x.masked_fill(self.prompt_mask, self.mask_id)])  # [2B, L]
+        args = (inputs,)
+        if self.time_conditioned:
+            args = (inputs, torch.full((inputs.shape[0],), t, device=x.device))
+        logits = self.model(*args)  # [B or 2B, L, V]
+        self.nfe += 1  # conditional and unconditional share one batched call
+        if self.guidance:
+            logits = guide(logits[:B], logits[B:], self.guidance)
+        if self.cache:
+            self._last = (x.clone(), t, logits)
+        return logits
+
+    def __call__(self, x: torch.Tensor, t: float, where: torch.Tensor) -> torch.Tensor:
+        """x: [B, L], where: [B, L] bool -> float64 logits [N, V] at the N positions of `where`."""
+        logits = self.full_logits(x, t)[where].double()  # gather first: float64 only for what is used
+        logits[:, self.mask_id] = float("-inf")  # SUBS: <mask> is never predicted
+        return logits
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+    """Classifier-free guidance as in LLaDA, uncond + (1 + w) (cond - uncond), written so that w = 0 returns the
+    conditional logits exactly."""
+    return cond + weight * (cond - uncond)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set whose probability reaches top_p; others -> -inf. [N, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first one always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 logits [N, V] -> (tokens [N], their probability under the sampling distribution [N])."""
+    if temperature == 0:  # greedy: no noise drawn
+        return logits.argmax(-1), logits.softmax(-1).max(-1).values
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    # Gumbel-max in float64: float32 noise shifts low-probability tokens' odds (Zheng et al. 2024).
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
+    tokens = (logits + gumbel).argmax(-1)
+    return tokens, logits.softmax(-1).gather(-1, tokens[:, None])[:, 0]
+
+
+class StepContext:
+    """What every step needs besides the tokens: the network, the noise schedule, the sampling knobs."""
+
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, mask_id: int, temperature: float,
+                 top_k: int, top_p: float, generator: torch.Generator):
+        self.denoiser, self.schedule, self.mask_id = denoiser, schedule, mask_id
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def alpha(self, t: float) -> float:
+        return float(self.schedule.alpha(torch.tensor(t, dtype=torch.float64)))
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return choose_tokens(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+    def idle(self, x: torch.Tensor, t: float) -> None:
+        """A step that changes no token: without caching the network still runs (the MDLM baseline)."""
+        if not self.denoiser.cache:
+            self.denoiser.full_logits(x, t)
+
+
+class Ancestral:
+    """MDLM ancestral sampling: each mask of the block is revealed between t and s with probability
+    (alpha(s) - alpha(t)) / (1 - alpha(t)), its token drawn from p(x0 | x_t); revealed tokens stay."""
+
+    def step(self, ctx: StepContext, x: torch.Tensor, active: torch.Tensor, t: float, s: float,
+             block_masks: torch.Tensor) -> torch.Tensor:
+        # 1. Masks of the current block: [B, L].
+        masked = (x == ctx.mask_id) & active
+        # 2. Which of them are revealed: the reveal draw does not depend on the network, so it comes first.
+        p = (ctx.alpha(s) - ctx.alpha(t)) / (1 - ctx.alpha(t))
+        u = torch.rand(x.shape, dtype=torch.float64, generator=ctx.generator, device=x.device)  # [B, L]
+        reveal = masked & (u < p)
+        if not reveal.any():
+            ctx.idle(x, t)  # caching: no token changes, so no network call
+            return x
+        # 3. Tokens for the revealed positions only: [N].
+        tokens, _ = ctx.choose(ctx.denoiser(x, t, reveal))
+        x = x.clone()
+        x[reveal] = tokens
+        return x
+
+
+class Remask:
+    """Confidence-based decoding (LLaDA, MaskGIT): predict every mask of the block, commit the most confident
+    (or random) ones so that (1 - alpha(s)) of the block's masks remain, and leave the rest masked."""
+
+    def __init__(self, remasking: str):
+        self.remasking = remasking
+
+    def step(self, ctx: StepContext, x: torch.Tensor, active: torch.Tensor, t: float, s: float,
+             block_masks: torch.Tensor) -> torch.Tensor:
+        B, L = x.shape
+        # 1. Masks of the current block [B, L] and how many to commit in each row [B].
+        masked = (x == ctx.mask_id) & active
+        keep = torch.floor(block_masks.double() * (1 - ctx.alpha(s)) / (1 - ctx.alpha(1.0)) + 1e-9).long()
+        commit_count = (masked.sum(1) - keep).clamp_min(0)  # [B]
+        if not commit_count.any():
+            ctx.idle(x, t)
+            return x
+        # 2. A candidate token and its confidence at every mask: [N].
+        tokens, confidence = ctx.choose(ctx.denoiser(x, t, masked))
+        if self.remasking == "random":
+            confidence = torch.rand(tokens.shape, dtype=torch.float64, generator=ctx.generator, device=x.device)
+        # 3. Rank the masks of each row by confidence; commit the top commit_count[b]: [B, L].
+        board = torch.full((B, L), -math.inf, dtype=torch.float64, device=x.device)
+        board[masked] = confidence
+        order = board.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=x.device).expand(B, L))
+        commit = masked & (rank < commit_count[:, None])
+        candidates = x.clone()
+        candidates[masked] = tokens
+        return torch.where(commit, candidates, x)
