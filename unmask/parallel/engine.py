@@ -1,0 +1,211 @@
+"""The DeepSpeed engine: ZeRO 0-3, fp32/bf16, accumulation and clipping, over megatron-core groups.
+
+Order of wrapping (torchtitan's): tensor parallelism -> activation checkpointing -> DeepSpeed (ZeRO).
+The DeepSpeed config is generated from unmask's config, never kept by hand; the optimizer is unmask's torch
+AdamW (a DeepSpeed "optimizer" section would JIT-compile CPU Adam) and the LR schedule is unmask's.
+
+DeepSpeed's shared-memory all-reduce op: on CPU, DeepSpeed's first `init_distributed` JIT-compiles it
+(50-90 s) although it only serves inference all-reduces (AutoTP), never training. It is therefore turned off
+here; set UNMASK_DEEPSPEED_SHM=1 to let DeepSpeed build and use it (cached in TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions, so the compile happens once per machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unmask.config import Config
+from unmask.parallel.dims import ParallelDims
+from unmask.train.engine import StepStats
+from unmask.train.optim import build_optimizer, build_scheduler
+
+
+def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    own_clip = p.zero_stage == 0 and t.dtype == "fp32"  # see clip_hook
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dims.dp,
+        "gradient_clipping": 0.0 if own_clip else o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # keep unmask's torch AdamW with offload too
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def prepare_deepspeed() -> None:
+    """Import DeepSpeed quietly and keep its shared-memory op from compiling unless asked (module docstring)."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if os.environ.get("UNMASK_DEEPSPEED_SHM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Adopt the process group setup_parallel made (PipelineModule needs DeepSpeed's comm before initialize).
+    deepspeed.init_distributed(dist_init_required=False, verbose=False)
+
+
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the full model's gradient: sharded parameters count on every rank, replicated ones on
+    tensor-parallel rank 0 only; squares are summed over the tensor x pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for p in params:
+        if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)):
+            sq += p.grad.detach().float().pow(2).sum()
+    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return sq.sqrt()
+
+
+def clip_hook(max_norm: float):
+    """An optimizer step pre-hook for ZeRO-0 fp32, where DeepSpeed clips but never records the norm: compute
+    the global norm, clip, and on a non-finite norm drop the gradients and flag `overflow` so DeepSpeed
+    counts the step as skipped and leaves the LR schedule alone."""
+
+    def hook(optimizer, args, kwargs):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = global_grad_norm(params)
+        optimizer._global_grad_norm = float(norm)
+        optimizer.overflow = not math.isfinite(float(norm))
+        if optimizer.overflow:
+            for p in params:
+                p.grad = None
+        elif max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    return hook
+
+
+def keep_fp32_buffers(model: nn.Module):
+    """DeepSpeed bf16 casts every floating buffer; the rotary tables must stay fp32 (positions lose precision
+    in bf16). Returns a function that restores them after `deepspeed.initialize`."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers() if b.is_floating_point()}
+
+    def restore():
+        for name, b in model.named_buffers():
+            if name in saved and b.dtype != saved[name].dtype:
+                b.data = saved[name].to(b.device)
+
+    return restore
+
+
+def prepare_model(cfg: Config, model: nn.Module, objective, dims: ParallelDims) -> nn.Module:
+    """Tensor parallelism (and the vocab-parallel loss), then activation checkpointing of every block."""
+    if dims.tp > 1:
+        from unmask.parallel.tensor import VocabParallelNLL, apply_tensor_parallel
+
+        apply_tensor_parallel(model)
+        objective.vocab = VocabParallelNLL()
+    if cfg.parallel.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        from unmask.model.transformer import Block
+
+        # Non-reentrant torch checkpointing; its wrapper strips its prefix from state-dict keys.
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    return model
+
+
+def all_reduce_dp(values: list[float]) -> list[float]:
+    """Sum scalars over the data-parallel group (fp64 so token counts stay exact)."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if ps.get_data_parallel_world_size() > 1:
+        group = ps.get_data_parallel_group()
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, group=group)
+    return t.cpu().tolist()
+
+
+class DeepSpeedEngine:
+    """The LocalEngine interface on a DeepSpeed engine (`.ds`), without pipeline stages."""
+
+    def __init__(self, cfg: Config, model: nn.Module, objective, dims: ParallelDims):
+        import deepspeed
+
+        from unmask.parallel.mpu import MegatronMPU
+
+        prepare_deepspeed()
+        self.cfg, self.objective, self.dims = cfg, objective, dims
+        prepare_model(cfg, model, objective, dims)
+        optimizer = build_optimizer(model, cfg.optim)
+        if cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32":
+            optimizer.register_step_pre_hook(clip_hook(cfg.optim.grad_clip))
+        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        restore = keep_fp32_buffers(model)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg, dims),
+            mpu=MegatronMPU(), dist_init_required=False)
+        restore()
+        self.model = self.ds.module
+        self.device = self.ds.device
+
+    def train_step(self, micro_batches, keys) -> StepStats:
+        self.ds.train()
+        lr = self.scheduler.get_last_lr()[0]
+        total = 0.0
+        for x0, key in zip(micro_batches, keys, strict=True):
+            out = self.objective.loss(self.ds, x0.to(self.device), key)
+            self.ds.backward(out.loss)  # DeepSpeed divides by grad_accum (scale_wrt_gas)
+            self.ds.step()  # applies the update only at the accumulation boundary
+            total += float(out.loss.detach())
+        loss = all_reduce_dp([total / len(micro_batches)])[0] / self.dims.dp
+        return self._stats(loss, lr)
+
+    def _stats(self, loss: float, lr: float) -> StepStats:
+        norm = self.ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        skipped = not self.ds.was_step_applied() or not (math.isfinite(loss) and math.isfinite(norm))
+        return StepStats(loss, norm, lr, skipped)
+
+    @torch.no_grad()
+    def eval_terms(self, x0, time_samples, seed):
+        self.ds.eval()
+        return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, seed)
+
+    def all_reduce_dp(self, values: list[float]) -> list[float]:
+        return all_reduce_dp(values)
+
+    # Checkpoint hooks: DeepSpeed saves model shards, ZeRO partitions and the LR schedule per rank.
+    def save(self, directory: str, tag: str) -> None:
+        self.ds.save_checkpoint(directory, tag=tag)
+
+    def load(self, directory: str, tag: str) -> None:
+        self.ds.load_checkpoint(directory, tag=tag)
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("the DeepSpeed engine checkpoints per rank: use engine.save(dir, tag)")
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError("the DeepSpeed engine checkpoints per rank: use engine.load(dir, tag)")
+
+
+def build_deepspeed_engine(cfg: Config, model: nn.Module, objective, dims: ParallelDims):
+    """The engine `build_engine` returns for parallel.engine = "deepspeed" (pipeline stages when pp > 1)."""
+    if dims.pp > 1:
+        from unmask.parallel.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, model, objective, dims)
+    return DeepSpeedEngine(cfg, model, objective, dims)
