@@ -1,0 +1,76 @@
+"""Training-step throughput and MFU of a preset (default `small`), fp32 and bf16 side by side.
+
+MFU = model FLOPs/s (6N + attention, unmask.model.counting) / this machine's dense-matmul peak, which is
+measured in the same run with large square matmuls of the same dtype. Prints figures; asserts nothing.
+
+    python bench/train_step.py [--size small] [--batch 8] [--seq-len 256] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from unmask.config import load_config
+from unmask.data.special import SpecialTokens
+from unmask.diffusion.noise import BatchKey
+from unmask.diffusion.objective import build_objective
+from unmask.model.counting import param_count, train_flops_per_token
+from unmask.model.transformer import build_model
+from unmask.train.engine import LocalEngine
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps FLOP/s of an n x n x n matmul."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def step_throughput(size: str, dtype: str, batch: int, seq_len: int, steps: int) -> tuple[float, float]:
+    """(tokens/s, model FLOP/s) of LocalEngine.train_step, after one warm-up step."""
+    cfg = load_config(None, [f"--model.size={size}", f"--model.max_seq_len={max(seq_len, 256)}",
+                             f"--train.dtype={dtype}", f"--train.micro_batch_size={batch}",
+                             f"--train.seq_len={seq_len}", "--optim.warmup_steps=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    special = SpecialTokens()
+    engine = LocalEngine(model, build_objective(cfg.diffusion, special.mask, special.pad), cfg)
+    x0 = torch.randint(5, cfg.model.vocab_size, (batch, seq_len))
+    engine.train_step([x0], [BatchKey(0, global_batch=batch)])
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        engine.train_step([x0], [BatchKey(step, global_batch=batch)])
+    tps = steps * batch * seq_len / (time.perf_counter() - t0)
+    return tps, tps * train_flops_per_token(cfg.model, seq_len)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    args = p.parse_args()
+    n = param_count(load_config(None, [f"--model.size={args.size}"]).model)
+    print(f"preset {args.size}: {n / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'dtype':6} {'tokens/s':>10} {'model GFLOP/s':>14} {'matmul peak GFLOP/s':>20} {'MFU':>7}")
+    rows = {}
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peak = matmul_peak(torch_dtype)
+        tps, flops = step_throughput(args.size, dtype, args.batch, args.seq_len, args.steps)
+        rows[dtype] = tps
+        print(f"{dtype:6} {tps:10.0f} {flops / 1e9:14.1f} {peak / 1e9:20.1f} {flops / peak:7.1%}")
+    print(f"bf16 / fp32 tokens/s: {rows['bf16'] / rows['fp32']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
