@@ -90,7 +90,9 @@ class DataConfig(Section):
     train_dir: str = Field("data/shards/train", description="directory with manifest.json and .tar shards")
     val_dir: str | None = Field("data/shards/val", description="validation shards; none disables validation")
     num_workers: int = Field(0, ge=0, description="loader worker processes per rank")
-    shuffle_buffer: int = Field(1000, ge=0, description="in-memory sample shuffle buffer (0: none)")
+    mix_shards: int = Field(
+        8, gt=0, description="shards whose samples are shuffled together per epoch (more: better mixing)"
+    )
     on_corrupt: Literal["error", "skip"] = Field(
         "error", description="a corrupted shard stops the run (error) or is skipped and counted (skip)"
     )
