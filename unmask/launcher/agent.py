@@ -49,13 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        if codes == [REQUEUE_EXIT_CODE]:
-            print(f"unmask agent: workers saved and exited with {REQUEUE_EXIT_CODE}: requeue", file=sys.stderr)
+        if is_requeue(e):
+            print(f"unmask agent: workers exited with {REQUEUE_EXIT_CODE} (state saved): requeue", file=sys.stderr)
             return REQUEUE_EXIT_CODE
         print(e.format_msg(), file=sys.stderr)
         return 1
     return 0
+
+
+def is_requeue(error) -> bool:
+    """The first worker to exit asked for a requeue. torchrun stops the other workers with SIGTERM as soon as
+    one exits, so workers a few milliseconds slower show up as killed by SIGTERM; a crash anywhere shows up
+    with its own exit code and is not a requeue."""
+    _, first = error.get_first_failure()
+    codes = {f.exitcode for f in error.failures.values()}
+    return first.exitcode == REQUEUE_EXIT_CODE and codes <= {REQUEUE_EXIT_CODE, -signal.SIGTERM}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--cpu-only", action="store_true", help="CPU cluster: request no GPUs")
     s.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                    help="extra sbatch option, e.g. --sbatch-option=--qos=high (repeatable)")
+    s.add_argument("--log", default="%x-%j.out", help="job output file (default %%x-%%j.out: <job name>-<job id>.out)")
     s.add_argument("--out", help="write the script to this file instead of printing it")
 
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job)])
     slurm = Slurm(time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
                   signal_seconds=args.signal_seconds, launcher=args.launcher, gpus=not args.cpu_only,
-                  cpus_per_task=args.cpus_per_task, extra=args.sbatch_option)
+                  cpus_per_task=args.cpus_per_task, output=args.log, extra=args.sbatch_option)
     script = render_sbatch(job, slurm)
     if not args.out and not args.run:
         print(script, end="")
@@ -65,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     path.write_text(script)
     print(f"unmask launch: wrote {path}", file=sys.stderr)
     if args.run:
-        return subprocess.run(["sbatch", str(path)]).returncode
+        try:
+            return subprocess.run(["sbatch", str(path)]).returncode
+        except FileNotFoundError:
+            raise UnmaskError(f"sbatch is not on PATH: submit {path} from a SLURM login node") from None
     return 0
 
 

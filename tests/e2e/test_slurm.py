@@ -1,0 +1,108 @@
+"""A real one-node SLURM cluster (tests/e2e/slurm/setup_local_slurm.sh: munged, slurmctld, slurmd) runs the
+sbatch scripts `unmask launch --slurm` renders: training to the end with 2 tasks, and a requeue after the
+time-limit warning signal."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unmask.launcher.commands import Job, Slurm, render_sbatch
+from unmask.launcher.env import expand_nodelist
+
+REPO = Path(__file__).resolve().parents[2]
+SETUP = Path(__file__).parent / "slurm" / "setup_local_slurm.sh"
+PROBE = Path(__file__).parent / "slurm" / "preempt_probe.py"
+STEPS = 6
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict:
+    """Environment for sbatch/scontrol against the local cluster (started here if it is not running)."""
+    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+    if proc.returncode == 77:
+        pytest.skip(f"no SLURM: {proc.stderr.strip()}")
+    assert proc.returncode == 0, f"{SETUP} failed:\n{proc.stdout}\n{proc.stderr}"
+    conf = re.search(r"SLURM_CONF=(\S+)\)", proc.stdout).group(1)
+    return {**os.environ, "SLURM_CONF": conf, "PYTHONPATH": str(REPO)}
+
+
+def tiny_overrides(shards: Path, run_dir: Path) -> list[str]:
+    return [f"--data.train_dir={shards / 'train'}", f"--data.val_dir={shards / 'val'}", "--model.size=tiny",
+            "--train.seq_len=128", f"--train.steps={STEPS}", "--train.log_every=2", "--train.val_every=0",
+            "--train.val_batches=1", "--train.micro_batch_size=4", "--train.threads=1",
+            f"--train.run_dir={run_dir}", "--parallel.engine=deepspeed"]
+
+
+def final_train_step(run_dir: Path) -> int | None:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return max((r["step"] for r in rows if "loss" in r), default=None)
+
+
+def job_field(job_id: str, key: str, env: dict) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
+    match = re.search(rf"\b{key}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def test_nodelist_parser_matches_scontrol(slurm_env):
+    for nodelist in ["node[01-03,07],gpu-a[1-2]", "n[8-11]", "rack[1-2]-n[01-02]", "a1,b[001-002]"]:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             env=slurm_env, check=True).stdout
+        assert expand_nodelist(nodelist) == out.split(), nodelist
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_sbatch_job_trains_to_the_end(launcher, slurm_env, tiny_shards, tmp_path):
+    """torchrun: one srun task runs the agent, which starts 2 workers; srun: 2 SLURM tasks, ranks from SLURM_*."""
+    run_dir, script, log = tmp_path / "run", tmp_path / "job.sbatch", tmp_path / "job.out"
+    subprocess.run([sys.executable, "-m", "unmask", "launch", str(REPO / "configs" / "tiny.toml"), "--slurm",
+                    "--launcher", launcher, "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--time", "30:00",
+                    "--signal-seconds", "60", "--log", str(log), "--out", str(script),
+                    *tiny_overrides(tiny_shards, run_dir)], cwd=REPO, env=slurm_env, check=True)
+    try:
+        proc = subprocess.run(["sbatch", "--wait", "--parsable", str(script)], capture_output=True, text=True,
+                              env=slurm_env, timeout=1200)  # a hang guard, not a speed check
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--name", "unmask-tiny"], env=slurm_env)
+        raise
+    output = log.read_text()[-6000:] if log.exists() else "(no job log)"
+    assert proc.returncode == 0, f"sbatch --wait: {proc.returncode} {proc.stderr}\n{output}"
+    assert final_train_step(run_dir) == STEPS, output
+
+
+def test_time_limit_signal_saves_and_requeues(slurm_env, tmp_path):
+    """--time=2 with --signal=USR1@100: SLURM warns ~20 s in. The probe (standing in for training, which saves
+    then exits with REQUEUE_EXIT_CODE) gets SIGUSR1 through torchrun's agent, the agent exits with that code,
+    the script requeues the job and the second attempt completes."""
+    log = tmp_path / "job.out"
+    script = render_sbatch(Job("configs/tiny.toml", nodes=1, procs_per_node=2),
+                           Slurm(time="2", signal_seconds=100, gpus=False, output=str(log), job_name="unmask-requeue"),
+                           entry=[str(PROBE), str(tmp_path)])
+    (tmp_path / "job.sbatch").write_text(script)
+    job = subprocess.run(["sbatch", "--parsable", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
+                         env=slurm_env, check=True).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 600  # a hang guard, not a speed check
+    state = ""
+    while time.monotonic() < deadline:
+        state, restarts = job_field(job, "JobState", slurm_env), job_field(job, "Restarts", slurm_env)
+        if state == "PENDING" and restarts == "1":  # skip SLURM's hold on requeued jobs (BeginTime, ~2 min)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env)
+        if state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"):
+            break
+        time.sleep(2)
+    else:
+        subprocess.run(["scancel", job], env=slurm_env)
+    output = log.read_text() if log.exists() else "(no job log)"
+    assert state == "COMPLETED" and job_field(job, "Restarts", slurm_env) == "1", f"{state}\n{output}"
+    assert sorted(p.name for p in tmp_path.glob("attempt*.ready")) == [
+        "attempt0-rank0.ready", "attempt0-rank1.ready", "attempt1-rank0.ready", "attempt1-rank1.ready"]
+    assert "requeueing" in output, output
