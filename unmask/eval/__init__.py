@@ -1,0 +1,9 @@
+"""Evaluation metrics: held-out likelihood (likelihood.py), generative perplexity under a reference causal LM
+(genppl.py), diversity of samples (diversity.py), sampling speed (speed.py) and the quality-vs-steps plot
+(plot.py). Each module imports only what it needs, so `import unmask.eval.diversity` stays cheap."""
+
+from unmask.errors import UnmaskError
+
+
+class EvalError(UnmaskError, ValueError):
+    """An evaluation input that cannot work (no data, a missing reference model): names it and the fix."""

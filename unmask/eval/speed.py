@@ -1,0 +1,51 @@
+"""Sampling speed: generated tokens per second and network evaluations (NFE) of a sampler run.
+
+Wall-clock figures are for reporting only; nothing asserts on them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from unmask.data.special import SpecialTokens
+from unmask.diffusion.sampler import SamplerConfig, SampleResult, sample
+
+
+@dataclass
+class SpeedResult:
+    steps: int  # steps asked for
+    nfe: int  # network evaluations of one run
+    seconds: float  # best wall-clock time of the timed runs
+    generated_tokens: int
+    tokens_per_second: float
+    cache: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_speed(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,
+                  schedule="loglinear", repeats: int = 1, warmup: bool = True) -> tuple[SpeedResult, SampleResult]:
+    """Time `sample` (best of `repeats`, after one untimed warm-up run) -> (speed, the last run's samples)."""
+    if warmup:
+        sample(model, template, dataclasses.replace(cfg, steps=min(cfg.steps, 2), block_length=None), special,
+               schedule)
+    runs = [sample(model, template, cfg, special, schedule) for _ in range(max(repeats, 1))]
+    best = min(runs, key=lambda r: r.seconds)
+    speed = SpeedResult(cfg.steps, best.nfe, best.seconds, best.num_generated, best.tokens_per_second, cfg.cache)
+    return speed, runs[-1]
+
+
+def speed_sweep(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,
+                steps: Sequence[int], schedule="loglinear", compare_cache: bool = False) -> list[SpeedResult]:
+    """`measure_speed` at each step count (with caching, and also without it when compare_cache)."""
+    out = []
+    for n in steps:
+        for cache in ((True, False) if compare_cache else (cfg.cache,)):
+            speed, _ = measure_speed(model, template, dataclasses.replace(cfg, steps=n, cache=cache), special,
+                                     schedule, warmup=not out)
+            out.append(speed)
+    return out
