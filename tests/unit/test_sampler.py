@@ -51,11 +51,12 @@ def infill():
     return infill_template([[[10, 11, 12], 6, [20, 21], 9, [30, 31]], [[40], 12, [41]]], SP)
 
 
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fixed_and_committed_tokens_never_change_and_all_masks_fill(tiny, variant):
+def test_fixed_and_committed_tokens_never_change_and_all_masks_fill(tiny, variant, schedule):
     template, _ = infill()
     model = Recorder(tiny)
-    out = sample(model, template, SamplerConfig(steps=12, **variant), SP).tokens
+    out = sample(model, template, SamplerConfig(steps=12, **variant), SP, schedule=schedule).tokens
     fixed = template != SP.mask
     assert torch.equal(out[fixed], template[fixed])
     assert not (out == SP.mask).any()
@@ -93,13 +94,16 @@ def test_blocks_are_decoded_left_to_right(tiny, kind):
     blocks = block_ids(template == SP.mask, 4)
     model = Recorder(tiny)
     sample(model, template, SamplerConfig(kind=kind, steps=32, block_length=4), SP)
+    checked = 0
     for x in model.calls:
         for b in range(x.shape[0]):
             open_blocks = blocks[b][(x[b] == SP.mask) & (blocks[b] >= 0)]
-            started = blocks[b][(x[b] != SP.mask) & (blocks[b] >= 0) & (template[b] == SP.mask)]
+            started = blocks[b][(x[b] != SP.mask) & (blocks[b] >= 0)]
             if len(open_blocks) and len(started):
                 # anything already generated lies in blocks no later than the first block with masks left
                 assert started.max() <= open_blocks.min()
+                checked += 1
+    assert checked > 10
 
 
 def test_guidance_weight_zero_is_the_conditional_model(tiny):

@@ -111,6 +111,8 @@ def test_stop_at_eos_gives_variable_lengths_and_saves_calls():
     assert torch.equal(cut.tokens[:, :5], full.tokens[:, :5])
     assert cut.nfe < full.nfe  # both rows finish after their <eos> block: the later blocks are never decoded
     assert cut.num_generated == (5 - 2) + (13 - 2)
+    assert cut.token_lists(SP) == [[7, 60, 60, 60], [8] + [60] * 11]
+    assert cut.token_lists(SP, generated_only=True)[0] == [60, 60, 60]
 
 
 def test_rare_tokens_are_drawn_at_their_rate():

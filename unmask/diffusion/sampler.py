@@ -85,6 +85,17 @@ class SampleResult:
     def tokens_per_second(self) -> float:
         return self.num_generated / max(self.seconds, 1e-9)
 
+    def token_lists(self, special: SpecialTokens, generated_only: bool = False) -> list[list[int]]:
+        """Each row's ids up to its length without <bos>/<eos>/<pad>: whole text (infill) or only the generated
+        part (continuations), ready to decode or to score with unmask.eval.diversity."""
+        drop = {special.bos, special.eos, special.pad}
+        rows = []
+        for b in range(self.tokens.shape[0]):
+            n = int(self.lengths[b])
+            ids, gen = self.tokens[b, :n].tolist(), self.generated[b, :n].tolist()
+            rows.append([t for t, g in zip(ids, gen, strict=True) if t not in drop and (g or not generated_only)])
+        return rows
+
     def stats(self) -> dict:
         return {"nfe": self.nfe, "steps": self.steps, "seconds": self.seconds,
                 "generated_tokens": self.num_generated, "tokens_per_second": self.tokens_per_second}
