@@ -203,9 +203,11 @@ class SplitWriter:
         self._file = open(partial_path(self.dir / self._name), "wb")
         import webdataset as wds  # imports torch (seconds): only once there is something to write
 
-        # mtime=0: the same input gives byte-identical shards (stable sha256 across re-runs);
-        # ustar: our short names need no pax headers, which tarfile builds slowly
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, format=tarfile.USTAR_FORMAT)
+        # mtime=0: the same input gives byte-identical shards (stable sha256 across re-runs)
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+        # ustar: our short names need no pax headers, which tarfile builds slowly. (TarWriter 1.0.2
+        # accepts format= but never hands it to tarfile, hence setting it on the stream.)
+        self._tar.tarstream.format = tarfile.USTAR_FORMAT
         self._size = self._samples = self._tokens = 0
 
     def _close_shard(self) -> None:
