@@ -168,3 +168,12 @@ def test_interrupted_run_leaves_nothing_whole_and_rerun_finishes(tiny_corpus, tm
         assert read_manifest(out / split) == read_manifest(tmp_path / "reference" / split)
         assert not list((out / split).glob("*.partial"))
     assert result.train.tokenizer_sha256 == reference.train.tokenizer_sha256  # deterministic training
+
+
+def test_failed_run_can_be_retried_with_other_settings(tiny_corpus, tmp_path):
+    opts = PrepareOptions(inputs=[str(tiny_corpus[1])], out=tmp_path / "o", vocab_size=30000, val_fraction=0,
+                          workers=1, progress=False)
+    with pytest.raises(DataError, match="could not train a 30000-piece bpe vocabulary .* change --vocab-size"):
+        prepare_data(opts)
+    opts.vocab_size = 400
+    assert prepare_data(opts).train.vocab_size == 400

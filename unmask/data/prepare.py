@@ -9,8 +9,9 @@ Stages:
 Re-running: OUT/.prepare-data.json records the settings (inputs with sizes and mtimes, every option
 that changes the output). Same settings and both manifests present: nothing to do. Same settings but
 incomplete (interrupted): leftovers are removed and the shards rewritten; a tokenizer that had been
-completely written is kept. Different settings, or a non-empty OUT that prepare-data did not create:
-refused with a DataError. Output is deterministic, so a finished re-run equals an uninterrupted run.
+completely written is kept. Other settings over an incomplete run: it is replaced. Other settings over
+a complete run, or a non-empty OUT that prepare-data did not create: refused with a DataError. Output
+is deterministic, so a finished re-run equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -150,12 +151,19 @@ def _claim(out: Path, settings: dict) -> bool:
     state = out / STATE
     if state.is_file():
         old = json.loads(state.read_text())
+        complete = all((out / s / MANIFEST).is_file() for s in SPLITS) and (out / "tokenizer.json").is_file()
         if old != settings:
             key = next((k for k in settings if old.get(k) != settings[k]), "format")
             what = "the input files changed" if key == "inputs" else (
                 f"{key}: {old.get(key)!r} then, {settings[key]!r} now")
-            raise DataError(f"{out} was prepared with other settings ({what}); pass another --out or delete {out}")
-        if all((out / s / MANIFEST).is_file() for s in SPLITS) and (out / "tokenizer.json").is_file():
+            if complete:
+                raise DataError(f"{out} was prepared with other settings ({what}); pass another --out or delete {out}")
+            # nothing whole would be lost: an unfinished run (say, a failed tokenizer training) is replaced
+            print(f"{out}: replacing an unfinished run made with other settings ({what})")
+            _remove_leftovers(out, tokenizer=True)
+            atomic_write_text(state, json.dumps(settings, indent=1))
+            return False
+        if complete:
             for s in SPLITS:
                 for shard in read_manifest(out / s).shards:
                     p = out / s / shard.name
@@ -167,14 +175,16 @@ def _claim(out: Path, settings: dict) -> bool:
         _remove_leftovers(out)
         print(f"{out}: an earlier run was interrupted; rewriting its shards")
         return False
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a directory")
+    if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty and was not written by prepare-data; pass a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(state, json.dumps(settings, indent=1))
     return False
 
 
-def _remove_leftovers(out: Path) -> None:
+def _remove_leftovers(out: Path, tokenizer: bool = False) -> None:
     for s in SPLITS:
         d = out / s
         if d.is_dir():
@@ -184,6 +194,9 @@ def _remove_leftovers(out: Path) -> None:
         p.unlink()
     for p in out.glob(".hf-export-*"):
         shutil.rmtree(p, ignore_errors=True)
+    if tokenizer:
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            (out / name).unlink(missing_ok=True)
 
 
 class _Scan:

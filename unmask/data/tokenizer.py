@@ -118,7 +118,7 @@ def train_tokenizer(
     except RuntimeError as e:
         raise DataError(
             f"sentencepiece could not train a {vocab_size}-piece {model_type} vocabulary on {len(lines)} "
-            f"lines ({str(e).strip()}); lower --vocab-size or add text"
+            f"lines ({str(e).strip()}); change --vocab-size (see the hint) or add text"
         ) from None
     atomic_write_bytes(out_path, model.getvalue())
     return Tokenizer(out_path)
