@@ -66,7 +66,7 @@ def test_manifest_describes_the_shards(tiny_shards):
 
 def test_split_is_by_document_hash(tiny_shards, tiny_corpus):
     val = set(detokenize(tiny_shards, "val"))
-    by_hash = {d for d in iter_documents(tiny_corpus) if digest_fraction(document_digest(d)) < 0.1}
+    by_hash = {d for d in iter_documents(tiny_corpus) if digest_fraction(document_digest(d)) < 0.45}
     if by_hash:
         assert val == by_hash
     else:  # no document under the fraction: the smallest hash is held out
