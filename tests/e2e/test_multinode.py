@@ -29,10 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def final_train_step(run_dir: Path) -> int | None:
+def last_train_row(run_dir: Path) -> dict:
+    """The last training row of metrics.jsonl: its step is the final one and its token count shows that two
+    processes trained as one data-parallel world (two separate runs would count half)."""
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return max((r["step"] for r in rows if "loss" in r), default=None)
+    return {k: v for k, v in ([r for r in rows if "loss" in r] or [{}])[-1].items() if k in ("step", "tokens")}
 
 
 def test_two_torchrun_agents_train_to_the_end(tiny_shards, tmp_path):
@@ -52,4 +54,4 @@ def test_two_torchrun_agents_train_to_the_end(tiny_shards, tmp_path):
                 a.kill()
     report = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
     assert codes == [0, 0], report
-    assert final_train_step(run_dir) == STEPS, report
+    assert last_train_row(run_dir) == {"step": STEPS, "tokens": STEPS * 4 * 2 * 128}, report

@@ -41,11 +41,11 @@ def _forward_to_workers(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGUSR1, _forward_to_workers)  # first: the default action would kill this agent
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(with_slurm_rendezvous(sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGUSR1, _forward_to_workers)
     try:
         run(args)
     except ChildFailedError as e:

@@ -69,9 +69,11 @@ def render_sbatch(job: Job, slurm: Slurm, entry: list[str] | None = None) -> str
     """The sbatch script: srun starts one torchrun agent per node (or one training task per GPU with
     launcher="srun"). `entry` replaces `-m unmask train CONFIG ...` (tests run a probe program with it)."""
     limit = slurm_time_seconds(slurm.time)
-    if not 0 < slurm.signal_seconds < min(limit, 65536):
-        raise UnmaskError(f"--signal-seconds {slurm.signal_seconds} must be positive, below 65536 and shorter "
-                          f"than --time {slurm.time} ({limit} s)")
+    # slurmctld checks every 30 s and may signal up to 60 s early: closer than that, the warning can
+    # arrive while the job is still starting
+    if not 0 < slurm.signal_seconds <= min(limit - 60, 65535):
+        raise UnmaskError(f"--signal-seconds {slurm.signal_seconds} must be positive, at most 65535 and at least "
+                          f"60 s shorter than --time {slurm.time} ({limit} s)")
     entry = entry or ["-m", *job.train_args()]
     per_node = job.procs_per_node if slurm.launcher == "srun" else 1
     if slurm.launcher == "srun":

@@ -45,6 +45,8 @@ ClusterName=unmask-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# Credential lifetime; also how long a requeued job is held before it may start again (default 120 s).
+AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
