@@ -142,6 +142,20 @@ class ParallelConfig(Section):
     sequence_parallel: bool = Field(False, description="megatron sequence parallelism (GPU only)")
 
 
+class CheckpointConfig(Section):
+    """Checkpoints: when to save, what to keep, how to resume and recover."""
+
+    interval_steps: int = Field(500, ge=0, description="save every N optimizer steps (0: off)")
+    interval_minutes: float = Field(0.0, ge=0, description="also save when this many minutes passed (0: off)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept, newest first")
+    keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple (0: none)")
+    resume: str = Field("auto", description="auto (latest valid checkpoint in run_dir, if any), never, or a path")
+    max_bad_steps: int = Field(
+        3, ge=0, description="consecutive non-finite steps (each skipped) before rolling back (0: never roll back)"
+    )
+    rollback_lr_scale: float = Field(1.0, gt=0, le=1, description="multiply the lr by this after a rollback")
+
+
 class TrackingConfig(Section):
     """Experiment tracking (mlflow, local sqlite store by default)."""
 
@@ -157,6 +171,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
@@ -221,6 +236,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{where}: {describe(e)}") from None
+
+
+def load_config_text(text: str, where: str) -> Config:
+    """Validate a resolved config saved as TOML text (in a checkpoint or run directory)."""
+    try:
+        return Config.model_validate(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ValidationError) as e:
+        detail = describe(e) if isinstance(e, ValidationError) else str(e)
+        raise ConfigError(f"{where}: saved config is not valid: {detail}") from None
 
 
 def describe(error: ValidationError) -> str:

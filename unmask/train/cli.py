@@ -9,6 +9,9 @@ ACCEPTS_OVERRIDES = True
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML config (see configs/); overrides follow as --section.key=value")
+    p.add_argument("--resume", metavar="auto|never|PATH",
+                   help="resume from the newest valid checkpoint in the run dir (auto, the default), start fresh "
+                        "(never), or resume from a checkpoint folder (same as --checkpoint.resume=...)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
 
@@ -18,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_help())
         return 0
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"--checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     from unmask.launcher.env import export_torch_env
     from unmask.train.loop import train
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -34,9 +35,10 @@ class Engine(Protocol):
 
     def eval_terms(self, x0: torch.Tensor, time_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def state_dict(self) -> dict: ...
+    def save(self, directory: str, tag: str) -> None:
+        """Write this rank's engine state (model, optimizer, LR schedule) under directory/tag."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load(self, directory: str, tag: str) -> None: ...
 
 
 def autocast(dtype: str, device: torch.device):
@@ -80,6 +82,14 @@ class LocalEngine:
         self.model.eval()
         with autocast(self.cfg.train.dtype, self.device):
             return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, seed)
+
+    def save(self, directory: str, tag: str) -> None:
+        (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), Path(directory) / tag / "engine.pt")
+
+    def load(self, directory: str, tag: str) -> None:
+        self.load_state_dict(torch.load(Path(directory) / tag / "engine.pt", weights_only=True,
+                                        map_location=self.device))
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -1,12 +1,17 @@
-"""The pretraining loop. It delegates: the loader gives batches, the engine steps, the log records.
+"""The pretraining loop. It delegates: the loader gives batches, the engine steps, the checkpointer saves and
+restores, the log records. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` samples on each
+data-parallel rank.
 
-One optimizer step = `grad_accum` micro-batches of `micro_batch_size` samples on each data-parallel rank.
+A step whose loss or gradient norm is not finite applies no update (the step still consumes its data and
+counts, the LR schedule does not advance); `checkpoint.max_bad_steps` such steps in a row roll the run back to
+the last checkpoint, with the lr scaled by `checkpoint.rollback_lr_scale`.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,11 +20,34 @@ from unmask.config import Config
 from unmask.data.loader import ShardLoader
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
+from unmask.errors import CheckpointError
+from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
 from unmask.model.transformer import build_model
 from unmask.parallel.dims import ParallelDims, setup_parallel
+from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.engine import Engine, build_engine
 from unmask.train.metrics import MetricsLog, Throughput, perplexity, unigram_entropy
+from unmask.train.optim import set_peak_lr
+from unmask.train.preemption import Preemption
+
+MAX_ROLLBACKS = 3  # rollbacks to the same step in a row before giving up
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint's meta.json."""
+
+    step: int = 0
+    lr_scale: float = 1.0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    rollbacks_in_row: int = 0
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(REQUEUE_EXIT_CODE)
 
 
 def train(cfg: Config) -> dict:
@@ -41,34 +69,101 @@ def train(cfg: Config) -> dict:
     objective = build_objective(cfg.diffusion, special.mask, special.pad, cfg.train.seed,
                                 cfg.model.time_conditioning)
     engine = build_engine(cfg, model, objective, dims)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, dims.rank, dims.world_size)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=dims.is_main)
     say = print if dims.is_main else (lambda *a, **k: None)
+    progress = Progress()
+    resume_from = ckpt.find(cfg.checkpoint.resume)
+    if resume_from:
+        progress = restore(ckpt, resume_from, engine, loader, cfg)
+        say(f"unmask: resumed from {resume_from} at step {progress.step}", flush=True)
+    set_peak_lr(engine.scheduler, cfg.optim.lr * progress.lr_scale)
     say(f"unmask: {param_count(cfg.model) / 1e6:.2f}M parameters, {cfg.diffusion.objective} objective, "
         f"run dir {run_dir}", flush=True)
+
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dims.dp * cfg.train.seq_len
     meter = Throughput(train_flops_per_token(cfg.model, cfg.train.seq_len))
+    preemption = Preemption()
     batches = iter(loader)
     last_val: dict = {}
-    for step in range(cfg.train.steps):
-        micro = list(itertools.islice(batches, cfg.train.grad_accum))
-        stats = engine.train_step(micro, step_keys(cfg, dims, step))
-        meter.add(tokens_per_step)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            row = {"step": done, "tokens": done * tokens_per_step, "loss": round(stats.loss, 5),
-                   "lr": stats.lr, "grad_norm": round(stats.grad_norm, 4), "skipped": stats.skipped,
-                   **meter.read()}
-            log.write(row)
-            say(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        val_due = cfg.train.val_every and done % cfg.train.val_every == 0
-        if val_batches and (val_due or done == cfg.train.steps):
-            last_val = {"step": done, **validate(engine, val_batches, cfg, special.pad)}
-            log.write(last_val)
-            say(" ".join(f"{k}={v}" for k, v in last_val.items()), flush=True)
-            meter.reset()
-    sys.stdout.flush()
+
+    def save() -> None:
+        meta = {**asdict(progress), "tokens": progress.step * tokens_per_step, "config": cfg.to_toml(),
+                "config_hash": config_hash(cfg), "saved_at": time.time(),
+                "layout": {"world": dims.world_size, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
+        path = ckpt.save(progress.step, engine, meta, {"loader": loader.state_dict(), "rng": rng_state()})
+        say(f"unmask: saved {path}", flush=True)
+
+    try:
+        while progress.step < cfg.train.steps:
+            micro = list(itertools.islice(batches, cfg.train.grad_accum))
+            stats = engine.train_step(micro, step_keys(cfg, dims, progress.step))
+            meter.add(tokens_per_step)
+            progress.step += 1
+            if stats.skipped and handle_bad_step(progress, cfg, say):
+                progress = rollback(ckpt, engine, loader, cfg, progress, say)
+                batches = iter(loader)
+                continue
+            if not stats.skipped:
+                progress.bad_in_row = progress.rollbacks_in_row = 0
+            done = progress.step
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                row = {"step": done, "tokens": done * tokens_per_step, "loss": stats.loss,
+                       "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": progress.skipped_steps,
+                       **meter.read()}
+                log.write(row)
+                say(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            val_due = cfg.train.val_every and done % cfg.train.val_every == 0
+            if val_batches and (val_due or done == cfg.train.steps):
+                last_val = {"step": done, **validate(engine, val_batches, cfg, special.pad)}
+                log.write(last_val)
+                say(" ".join(f"{k}={v}" for k, v in last_val.items()), flush=True)
+                meter.reset()
+            if preemption.requested():
+                save()
+                say(f"unmask: preempted; checkpoint saved, exiting with {REQUEUE_EXIT_CODE} to requeue", flush=True)
+                raise Preempted()
+            if done == cfg.train.steps or ckpt.due(done):
+                save()
+    finally:
+        preemption.restore()
     return last_val
+
+
+def handle_bad_step(progress: Progress, cfg: Config, say) -> bool:
+    """Count a skipped step; True when it is time to roll back."""
+    progress.skipped_steps += 1
+    progress.bad_in_row += 1
+    say(f"unmask: step {progress.step}: non-finite loss or gradient, update skipped "
+        f"({progress.bad_in_row} in a row)", flush=True)
+    return 0 < cfg.checkpoint.max_bad_steps <= progress.bad_in_row
+
+
+def rollback(ckpt: Checkpointer, engine, loader, cfg: Config, progress: Progress, say) -> Progress:
+    path = ckpt.find("auto")
+    if path is None:
+        raise CheckpointError(f"{progress.bad_in_row} non-finite steps in a row at step {progress.step} and no "
+                              f"checkpoint in {ckpt.root} to roll back to; lower optim.lr or set "
+                              "checkpoint.interval_steps")
+    if progress.rollbacks_in_row >= MAX_ROLLBACKS:
+        raise CheckpointError(f"rolled back to {path} {MAX_ROLLBACKS} times and the loss is still not finite; "
+                              "lower optim.lr or checkpoint.rollback_lr_scale")
+    restored = restore(ckpt, path, engine, loader, cfg)
+    restored.lr_scale = progress.lr_scale * cfg.checkpoint.rollback_lr_scale
+    restored.skipped_steps = progress.skipped_steps
+    restored.rollbacks_in_row = progress.rollbacks_in_row + 1
+    set_peak_lr(engine.scheduler, cfg.optim.lr * restored.lr_scale)
+    say(f"unmask: rolled back to {path} (step {restored.step}), lr scale {restored.lr_scale}", flush=True)
+    return restored
+
+
+def restore(ckpt: Checkpointer, path: Path, engine: Engine, loader: ShardLoader, cfg: Config) -> Progress:
+    meta, client = ckpt.load(path, engine, cfg)
+    loader.load_state_dict(client["loader"])
+    set_rng_state(client["rng"])
+    fields = Progress.__dataclass_fields__
+    return Progress(**{k: v for k, v in meta.items() if k in fields})
 
 
 def step_keys(cfg: Config, dims: ParallelDims, step: int) -> list[BatchKey]:
@@ -100,13 +195,8 @@ def validate(engine: Engine, val_batches: list[torch.Tensor], cfg: Config, pad_i
         per_seq, counts = engine.eval_terms(x0, cfg.train.val_time_samples, seed=1_000_003 + i)
         nll += float(per_seq.sum())
         tokens += int(counts.sum())
-    nll, tokens = engine_all_reduce(engine, nll, tokens)
+    reduce = getattr(engine, "all_reduce_dp", None)  # sum over data-parallel ranks
+    nll, tokens = reduce([nll, tokens]) if reduce else (nll, tokens)
     nelbo = nll / max(tokens, 1)
     return {"val_nelbo": round(nelbo, 5), "val_ppl_bound": round(perplexity(nelbo), 3),
-            "val_unigram_entropy": round(unigram_entropy(val_batches, pad_id), 5), "val_tokens": tokens}
-
-
-def engine_all_reduce(engine: Engine, *values: float) -> tuple:
-    """Sum scalars over data-parallel ranks when the engine is distributed."""
-    reduce = getattr(engine, "all_reduce_dp", None)
-    return tuple(reduce(list(values))) if reduce else values
+            "val_unigram_entropy": round(unigram_entropy(val_batches, pad_id), 5), "val_tokens": int(tokens)}

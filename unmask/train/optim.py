@@ -40,3 +40,13 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def set_peak_lr(scheduler, peak: float) -> None:
+    """Make `peak` the schedule's peak lr from the current step on (resume with a new lr, or a rollback's scaled
+    lr); the warmup/decay shape is unchanged. A loaded scheduler state would otherwise keep its old base lr."""
+    scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+    lrs = [peak * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -1,0 +1,213 @@
+"""Checkpoints that survive anything: atomic, verified by a manifest, pruned, resumed exactly.
+
+Layout under `<run_dir>/checkpoints/`:
+    step-00000500/engine/...            the engine's own files (DeepSpeed shards per ZeRO/TP/PP rank, or one .pt)
+    step-00000500/client/rank-00000.pt  per-rank client state: data loader position, RNG states
+    step-00000500/meta.json             step, tokens, resolved config and its hash, tracking run id, layout
+    step-00000500/manifest.json         size and sha256 of every file above; written last inside the folder
+    latest                              name of the newest complete checkpoint; written after the rename
+
+A checkpoint is written into `.tmp-step-…` and renamed only when complete, so a kill -9 at any moment leaves
+either the previous checkpoints untouched or a `.tmp-` folder that nothing reads (and the next run deletes).
+On resume every candidate is verified against its manifest; a truncated or corrupted one is skipped with a
+warning in favour of the one before. Client state is loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unmask.config import Config, CheckpointConfig
+from unmask.errors import CheckpointError
+from unmask.train import collective
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+# Keys whose change alters tensor shapes or the meaning of the saved state: refused on resume.
+SHAPE_KEYS = ["model", "diffusion.objective", "train.seq_len", "parallel.tp", "parallel.pp"]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint folder matches its manifest, else what is wrong."""
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        return f"manifest.json is not valid JSON ({e})"
+    for rel, entry in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+        if sha256(f) != entry["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:16]
+
+
+def check_compatible(saved: Config, current: Config, path: Path) -> None:
+    """Refuse resuming with a different shape; lr, steps, intervals and the like may change."""
+    old, new = saved.model_dump(), current.model_dump()
+    for key in SHAPE_KEYS:
+        section, _, field = key.partition(".")
+        a = old[section] if not field else old[section][field]
+        b = new[section] if not field else new[section][field]
+        if section == "model":  # name the first differing model field
+            diff = [k for k in a if a[k] != b[k] and k != "size"]
+            if diff:
+                k = diff[0]
+                raise CheckpointError(
+                    f"{path} was trained with model.{k}={a[k]!r} but this run has model.{k}={b[k]!r}: shapes cannot "
+                    "change on resume (use a new train.run_dir, or --resume never)")
+        elif a != b:
+            raise CheckpointError(f"{path} was trained with {key}={a!r} but this run has {key}={b!r}: it cannot "
+                                  "change on resume (use a new train.run_dir, or --resume never)")
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig, rank: int = 0, world: int = 1):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.last_save = time.monotonic()
+
+    # ------------------------------------------------------------------------------------------- saving
+
+    def due(self, step: int) -> bool:
+        by_steps = self.cfg.interval_steps > 0 and step % self.cfg.interval_steps == 0
+        by_time = self.cfg.interval_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.interval_minutes
+        return collective.any_rank(by_steps or by_time)  # clocks differ across ranks: agree
+
+    def save(self, step: int, engine, meta: dict, client: dict) -> Path:
+        """Every rank calls this; returns the final folder."""
+        final, tmp = self.root / f"step-{step:08d}", self.root / f".tmp-step-{step:08d}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "client").mkdir(parents=True)
+        collective.barrier()
+        engine.save(str(tmp), "engine")
+        torch.save(client, tmp / "client" / f"rank-{self.rank:05d}.pt")
+        collective.barrier()
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        # Each rank hashes a stripe of the files (large sharded checkpoints hash in parallel).
+        mine = {rel: {"size": (tmp / rel).stat().st_size, "sha256": sha256(tmp / rel)}
+                for rel in files[self.rank::self.world]}
+        parts = collective.gather_objects(mine)
+        if self.rank == 0:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            entries = {k: v for part in parts for k, v in part.items()}
+            entries["meta.json"] = {"size": (tmp / "meta.json").stat().st_size, "sha256": sha256(tmp / "meta.json")}
+            write_atomic(tmp / "manifest.json", json.dumps({"step": step, "files": entries}, indent=1))
+            if final.exists():  # the same step saved again (after a rollback): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_atomic(self.root / "latest", final.name + "\n")
+            self._prune(keep=final)
+        collective.barrier()
+        self.last_save = time.monotonic()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        steps = sorted(self._complete_steps(), reverse=True)
+        recent = set(steps[: self.cfg.keep_last])
+        for step in steps:
+            every = self.cfg.keep_every and step % self.cfg.keep_every == 0
+            path = self.root / f"step-{step:08d}"
+            if step not in recent and not every and path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return [int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))]
+
+    # ------------------------------------------------------------------------------------------ resuming
+
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: `never`, an explicit path (must be valid), or `auto` = the newest
+        valid one. Rank 0 verifies and broadcasts the choice."""
+        if resume == "never":
+            return None
+        choice: str | None = None
+        if self.rank == 0:
+            choice = self._choose(resume)
+        choice = collective.broadcast_object(choice)
+        return Path(choice) if choice else None
+
+    def _choose(self, resume: str) -> str | None:
+        if resume != "auto":
+            path = Path(resume)
+            problem = verify(path) if path.is_dir() else "no such checkpoint folder"
+            if problem:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+            return str(path)
+        for tmp in self.root.glob(".tmp-step-*") if self.root.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save: never complete, never read
+        for step in sorted(self._complete_steps(), reverse=True):
+            path = self.root / f"step-{step:08d}"
+            problem = verify(path)
+            if problem is None:
+                return str(path)
+            warnings.warn(f"checkpoint {path} is unusable ({problem}); falling back to the previous one",
+                          stacklevel=2)
+        return None
+
+    def load(self, path: Path, engine, cfg: Config) -> tuple[dict, dict]:
+        """Restore the engine; return (meta, this rank's client state)."""
+        meta = json.loads((path / "meta.json").read_text())
+        from unmask.config import load_config_text
+
+        check_compatible(load_config_text(meta["config"], where=str(path / "meta.json")), cfg, path)
+        saved_world = meta["layout"]["world"]
+        if saved_world != self.world:
+            raise CheckpointError(f"{path} was written by {saved_world} processes and this run has {self.world}; "
+                                  "resume with the same number of processes")
+        engine.load(str(path), "engine")
+        client_file = path / "client" / f"rank-{self.rank:05d}.pt"
+        client = torch.load(client_file, weights_only=True)
+        return meta, client
