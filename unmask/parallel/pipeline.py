@@ -124,6 +124,8 @@ class PipelineEngine:
 
         def network(tokens):
             dummy = torch.zeros(1, device=self.device)
+            # eval_batch adds the logits to the last training loss it still holds (DeepSpeed 0.19): clear it.
+            self.ds.total_loss = None
             _, logits = self.ds.eval_batch(iter([(tokens, dummy)]), return_logits=True, compute_loss=False,
                                            reduce_output=None, bcast_loss=False, num_micro_batches=1)
             if logits is None:  # not the last stage: placeholder of the right shape, result discarded below

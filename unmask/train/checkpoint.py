@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unmask.config import Config, CheckpointConfig
+from unmask.config import CheckpointConfig, Config
 from unmask.errors import CheckpointError
 from unmask.train import collective
 
