@@ -1,7 +1,6 @@
 """Generative perplexity under a real (tiny, locally built) HF Llama and under unmask's own AR model."""
 
 import math
-import random
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from unmask.config import ModelConfig
 from unmask.diffusion.autoregressive import Autoregressive
 from unmask.eval import EvalError
-from unmask.eval.genppl import HFCausalLM, UnmaskCausalLM, generative_perplexity, windows
+from unmask.eval.genppl import HFCausalLM, UnmaskCausalLM, generative_perplexity, shuffled_words, windows
 from unmask.model.transformer import build_model
 
 WORDS = "the cat sat on a mat while one dog ran in the park and birds sang over green hills".split()
@@ -69,9 +68,12 @@ def test_long_texts_are_scored_in_windows(llama_dir):
     assert res.tokens == len(WORDS)  # every word scored once, with at most 7 tokens of context
 
 
-def test_missing_folder_is_a_clear_error(tmp_path):
+def test_missing_folder_or_prefix_is_a_clear_error(tmp_path, llama_dir):
     with pytest.raises(EvalError, match="does not exist"):
         HFCausalLM(tmp_path / "nope")
+    with pytest.raises(EvalError, match="not in the reference tokenizer"):
+        HFCausalLM(llama_dir, prefix_token="<|endoftext|>")
+    assert HFCausalLM(llama_dir, prefix_token="<eos>").encode("cat")[0] == 2
 
 
 def test_a_model_trained_on_a_text_prefers_it_to_its_shuffle(tmp_path):
@@ -85,9 +87,9 @@ def test_a_model_trained_on_a_text_prefers_it_to_its_shuffle(tmp_path):
         ref.model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
     ref.model.eval()
-    shuffled = WORDS[:]
-    random.Random(0).shuffle(shuffled)
-    trained, mixed = generative_perplexity([TEXT], ref), generative_perplexity([" ".join(shuffled)], ref)
+    (shuffled,) = shuffled_words([TEXT])
+    assert sorted(shuffled.split()) == sorted(WORDS) and shuffled != TEXT
+    trained, mixed = generative_perplexity([TEXT], ref), generative_perplexity([shuffled], ref)
     print(f"trained text {trained.perplexity:.3f}, shuffled {mixed.perplexity:.3f}")
     assert trained.perplexity < 2 < mixed.perplexity, (trained.perplexity, mixed.perplexity)
 

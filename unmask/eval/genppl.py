@@ -10,6 +10,7 @@ Low is good, but a collapsed sampler repeating one phrase also scores low: read 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ class HFCausalLM:
     """A local Hugging Face causal LM and its tokenizer; never touches the network."""
 
     def __init__(self, path: str | Path, gguf_file: str | None = None, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_length: int | None = None):
+                 dtype: torch.dtype = torch.float32, max_length: int | None = None, prefix_token: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -36,12 +37,23 @@ class HFCausalLM:
         self.name = path.name if not gguf_file else f"{path.name}/{gguf_file}"
         cfg = self.model.config
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", None) or 1024
-        # A prefix token lets the first real token be scored too (GPT-2 style <|endoftext|> when no <bos>).
-        self.prefix_id = self.tokenizer.bos_token_id
-        if self.prefix_id is None:
-            self.prefix_id = self.tokenizer.eos_token_id
+        self.prefix_id = self._prefix_id(prefix_token)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.prefix_id or 0)
+
+    def _prefix_id(self, prefix_token: str | None) -> int | None:
+        """The token put before each text so its first token is scored too: the one given, else the document
+        separator <|endoftext|> (GPT-2, SmolLM2, Qwen: an instruct model's <bos> is a chat marker, and SmolLM2
+        scores plain text ~2x worse after it), else <bos>, else <eos>."""
+        vocab = self.tokenizer.get_vocab()
+        if prefix_token is not None:
+            if prefix_token not in vocab:
+                raise EvalError(f"prefix token {prefix_token!r} is not in the reference tokenizer's vocabulary")
+            return vocab[prefix_token]
+        if "<|endoftext|>" in vocab:
+            return vocab["<|endoftext|>"]
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -49,6 +61,18 @@ class HFCausalLM:
 
     def logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
+
+
+def shuffled_words(texts: Sequence[str], seed: int = 0) -> list[str]:
+    """Each text with its words in random order: the same unigrams without syntax, a baseline any model that
+    learnt word order must beat."""
+    rng = random.Random(seed)
+    out = []
+    for text in texts:
+        words = text.split()
+        rng.shuffle(words)
+        out.append(" ".join(words))
+    return out
 
 
 class UnmaskCausalLM:
