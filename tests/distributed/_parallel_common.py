@@ -1,0 +1,114 @@
+"""Shared by the distributed worker scripts and their tests: a tiny config, synthetic global batches, a
+training run through the real engines. Synthetic data keeps these tests independent of the data pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from unmask.config import Config
+from unmask.diffusion.noise import BatchKey
+from unmask.diffusion.objective import build_objective
+from unmask.model.transformer import build_model
+
+MASK_ID, PAD_ID = 4, 0
+
+
+def make_cfg(**sections) -> Config:
+    """The `tiny` model, short sequences; `sections` are {"parallel": {...}, "train": {...}} overrides."""
+    data = {"model": {"size": "tiny"},
+            "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum": 2, "steps": 10, "seed": 0},
+            "optim": {"lr": 3e-3, "warmup_steps": 2, "grad_clip": 1.0}}
+    for name, fields in sections.items():
+        data.setdefault(name, {}).update(fields)
+    return Config.model_validate(data)
+
+
+def global_batch(cfg: Config, step: int, dp: int) -> torch.Tensor:
+    """All samples of one step over every dp rank and micro-batch: [mb * accum * dp, L], no pad tokens."""
+    n = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(5, cfg.model.vocab_size, (n, cfg.train.seq_len), generator=g)
+
+
+def rank_batches(cfg: Config, step: int, dp: int, dp_rank: int) -> tuple[list[torch.Tensor], list[BatchKey]]:
+    """This dp rank's micro-batches of a step: sample k of micro m is global sample (m * mb + k) * dp + dp_rank,
+    the loader's striding, so BatchKey noise lines up with any other layout of the same global batch."""
+    mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    x = global_batch(cfg, step, dp)
+    micro, keys = [], []
+    for m in range(accum):
+        idx = (m * mb + torch.arange(mb)) * dp + dp_rank
+        micro.append(x[idx])
+        keys.append(BatchKey(step, m * mb, dp_rank, dp, mb * accum * dp))
+    return micro, keys
+
+
+def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
+    """Run `steps` optimizer steps through setup_parallel + build_engine, as the train loop does, then the
+    validation terms of a held-out batch summed over dp ranks. Validation masks depend on the per-rank batch
+    shape, so a one-process reference evaluates the same per-rank slices (`eval_split` = the other run's dp)."""
+    from unmask.parallel.dims import setup_parallel
+    from unmask.train.engine import build_engine
+
+    dims = setup_parallel(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    objective = build_objective(cfg.diffusion, MASK_ID, PAD_ID, cfg.train.seed, cfg.model.time_conditioning)
+    engine = build_engine(cfg, model, objective, dims)
+    losses, norms = [], []
+    for step in range(steps):
+        micro, keys = rank_batches(cfg, step, dims.dp, dims.dp_rank)
+        stats = engine.train_step(micro, keys)
+        losses.append(stats.loss)
+        norms.append(stats.grad_norm)
+    split = eval_split or dims.dp
+    x0 = torch.randint(5, cfg.model.vocab_size, (8, cfg.train.seq_len), generator=torch.Generator().manual_seed(7))
+    ranks = [dims.dp_rank] if split == dims.dp else range(split)
+    terms = [0.0, 0.0]
+    for r in ranks:  # held-out rows strided like the loader
+        per_seq, counts = engine.eval_terms(x0[r::split], 2, seed=123)
+        terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
+    reduce = getattr(engine, "all_reduce_dp", None)
+    return {"loss": losses, "grad_norm": norms, "eval": reduce(terms) if reduce else terms, "dims": dims}
+
+
+def write_result(result: dict) -> None:
+    """Rank 0 writes the JSON result to the path given as the script's first argument."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(result, f)
+
+
+def launch(script: str, nproc: int, out_dir, *args: str, timeout: int = 400) -> dict:
+    """Run `torchrun --standalone --nproc_per_node=nproc script OUT args...` (gloo, one thread per process)
+    and return the JSON that rank 0 wrote."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    out = Path(out_dir) / f"{Path(script).stem}-{nproc}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a launcher's variables from an outer job would confuse torchrun's children
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(here / script), str(out), *args]
+    proc = subprocess.run(cmd, env=env, cwd=here.parent.parent, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+def reference(steps: int, global_micro: int, dp: int, **sections) -> dict:
+    """One local process seeing the same global batch: micro-batches of dp * micro_batch_size samples."""
+    train_section = {"micro_batch_size": global_micro, **sections.pop("train", {})}
+    out = train(make_cfg(train=train_section, **sections), steps, eval_split=dp)
+    return {k: out[k] for k in ("loss", "grad_norm", "eval")}
+
+
+def run_spec(runs: list[dict]) -> str:
+    return json.dumps({"runs": runs})
