@@ -106,3 +106,37 @@ def test_time_limit_signal_saves_and_requeues(slurm_env, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("attempt*.ready")) == [
         "attempt0-rank0.ready", "attempt0-rank1.ready", "attempt1-rank0.ready", "attempt1-rank1.ready"]
     assert "requeueing" in output, output
+    counts = [p.read_text().strip() for p in tmp_path.glob("attempt0-rank*.signals")]
+    assert counts and set(counts) == {"1"}, f"each worker gets SIGUSR1 once, got {counts}"
+
+
+def test_preempted_training_saves_requeues_and_resumes(slurm_env, tiny_shards, tmp_path):
+    """SIGUSR1 to the running job (the same delivery as the time-limit warning): training saves and exits with
+    REQUEUE_EXIT_CODE, the job is requeued, and the second attempt resumes and trains to the end."""
+    steps, run_dir, script, log = 300, tmp_path / "run", tmp_path / "job.sbatch", tmp_path / "job.out"
+    overrides = [o for o in tiny_overrides(tiny_shards, run_dir) if not o.startswith(("--train.steps=",
+                                                                                      "--train.log_every="))]
+    subprocess.run([sys.executable, "-m", "unmask", "launch", str(REPO / "configs" / "tiny.toml"), "--slurm",
+                    "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--time", "30:00", "--job-name",
+                    "unmask-preempt", "--log", str(log), "--out", str(script), f"--train.steps={steps}",
+                    "--train.log_every=10", *overrides], cwd=REPO, env=slurm_env, check=True)
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=slurm_env,
+                         check=True).stdout.strip().split(";")[0]
+    deadline, state, signalled = time.monotonic() + 900, "", False  # a hang guard, not a speed check
+    while time.monotonic() < deadline:
+        state = job_field(job, "JobState", slurm_env)
+        if not signalled and (last_train_row(run_dir).get("step") or 0) >= 20:  # training loop is running
+            subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)
+            signalled = True
+        if state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"):
+            break
+        time.sleep(1)
+    else:
+        subprocess.run(["scancel", job], env=slurm_env)
+    output = log.read_text() if log.exists() else "(no job log)"
+    report = f"{state}\n{output[-6000:]}"
+    assert signalled and state == "COMPLETED" and job_field(job, "Restarts", slurm_env) == "1", report
+    assert last_train_row(run_dir) == {"step": steps, "tokens": steps * 4 * 2 * 128}, report
+    second = output.partition("requeueing")[2]
+    resumed_at = [int(n) for n in re.findall(r"^step=(\d+) ", second, re.M)]
+    assert second and resumed_at and resumed_at[0] > 20, f"second attempt did not resume:\n{report}"

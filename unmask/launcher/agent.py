@@ -2,7 +2,10 @@
 
 The sbatch script runs this (one per node, under srun) instead of bare torchrun, because bare torchrun
 1. dies of SIGUSR1 (default action) when SLURM sends its warning before the time limit, orphaning the
-   workers; here the agent forwards SIGUSR1 to its workers, which save and exit;
+   workers. Here the agent survives it. Under SLURM it does not forward it: slurmstepd signals every
+   process of the step (proctrack/cgroup and linuxproc track torchrun's workers although they start their
+   own sessions), and a second, later copy could reach a worker that has already saved and restored the
+   default action. Outside SLURM (a signal sent to the agent by hand) it forwards to the workers;
 2. turns every worker failure into exit code 1; here workers that all exit with REQUEUE_EXIT_CODE make
    the agent exit with it, so the sbatch script can tell "saved, requeue me" from a crash;
 3. needs --rdzv_endpoint/--rdzv_id on every node; under SLURM they default to the job's first node (port
@@ -30,6 +33,10 @@ def with_slurm_rendezvous(argv: list[str]) -> list[str]:
     return extra + argv
 
 
+def _ignore(signum: int, _frame) -> None:
+    pass  # a handler, not SIG_IGN: SIG_IGN would be inherited by the workers through exec
+
+
 def _forward_to_workers(signum: int, _frame) -> None:
     import psutil
 
@@ -41,7 +48,8 @@ def _forward_to_workers(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGUSR1, _forward_to_workers)  # first: the default action would kill this agent
+    # first thing: the default action would kill this agent
+    signal.signal(signal.SIGUSR1, _ignore if "SLURM_JOB_ID" in os.environ else _forward_to_workers)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -58,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def is_requeue(error) -> bool:
-    """The first worker to exit asked for a requeue. torchrun stops the other workers with SIGTERM as soon as
-    one exits, so workers a few milliseconds slower show up as killed by SIGTERM; a crash anywhere shows up
-    with its own exit code and is not a requeue."""
-    _, first = error.get_first_failure()
+    """Workers asked for a requeue. torchrun stops the other workers with SIGTERM as soon as one exits, so
+    workers a few milliseconds slower show up as killed by SIGTERM (torchrun's failure timestamps have
+    one-second resolution, so which exit came first is unknown); a crash anywhere has its own exit code."""
     codes = {f.exitcode for f in error.failures.values()}
-    return first.exitcode == REQUEUE_EXIT_CODE and codes <= {REQUEUE_EXIT_CODE, -signal.SIGTERM}
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return REQUEUE_EXIT_CODE in codes and codes <= {REQUEUE_EXIT_CODE, -signal.SIGTERM}

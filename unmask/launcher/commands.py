@@ -82,7 +82,7 @@ def render_sbatch(job: Job, slurm: Slurm, entry: list[str] | None = None) -> str
     else:
         agent = ["--nnodes", str(job.nodes), "--nproc_per_node", str(job.procs_per_node), "--rdzv_backend", "c10d"]
         command = [slurm.python, "-m", "unmask.launcher.agent", *agent, *entry]
-        path = "Each task is a torchrun agent (unmask.launcher.agent) that forwards it to its workers."
+        path = "That includes the workers of each torchrun agent."
     directives = [f"--job-name={slurm.job_name or job.name}", f"--nodes={job.nodes}",
                   f"--ntasks-per-node={per_node}"]
     directives += [f"--gpus-per-node={job.procs_per_node}"] if slurm.gpus else []

@@ -3,8 +3,8 @@
 # Rendered by `unmask launch --slurm`; change the `unmask launch` arguments rather than this file.
 {{directives}}
 #
-# Requeue: {{signal_seconds}} s before the time limit SLURM sends SIGUSR1 to the tasks of the step (not to
-# this shell: no "B:"). {{signal_path}}
+# Requeue: {{signal_seconds}} s before the time limit SLURM sends SIGUSR1 to every process of the step
+# (not to this shell: no "B:"). {{signal_path}}
 # Training saves its state and exits with {{requeue_code}}; this script then requeues the job, which resumes
 # from the checkpoint. --open-mode=append keeps every attempt's output in one log.
 

@@ -1,0 +1,41 @@
+"""The SLURM torchrun agent: requeue exit codes and rendezvous defaults."""
+
+import os
+import signal
+
+import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from unmask.launcher.agent import is_requeue, with_slurm_rendezvous
+from unmask.launcher.env import REQUEUE_EXIT_CODE
+
+
+def failed(*codes: int) -> ChildFailedError:
+    return ChildFailedError("unmask", {rank: ProcessFailure(rank, 100 + rank, code, "<N/A>")
+                                       for rank, code in enumerate(codes)})
+
+
+@pytest.mark.parametrize("codes, requeue", [
+    ((REQUEUE_EXIT_CODE,), True),
+    ((REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE), True),
+    ((REQUEUE_EXIT_CODE, -signal.SIGTERM), True),  # a slower worker stopped by torchrun after the first exit
+    ((1,), False),
+    ((REQUEUE_EXIT_CODE, 1), False),  # a crash anywhere is a crash
+    ((-signal.SIGTERM, REQUEUE_EXIT_CODE), True),
+    ((-signal.SIGTERM,), False),
+])
+def test_is_requeue(codes, requeue):
+    assert is_requeue(failed(*codes)) is requeue
+
+
+def test_rendezvous_from_slurm(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k == "TORCHELASTIC_RUN_ID"]:
+        monkeypatch.delenv(key)
+    args = ["--nnodes", "2", "-m", "unmask", "train", "c.toml"]
+    assert with_slurm_rendezvous(args) == args  # not under SLURM: unchanged
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
+                       "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[01-02]"}.items():
+        monkeypatch.setenv(key, value)
+    assert with_slurm_rendezvous(args) == ["--rdzv_endpoint", "gpu01:20077", "--rdzv_id", "slurm-77", *args]
+    given = ["--rdzv-endpoint=h:1", "--rdzv_id", "mine", *args]
+    assert with_slurm_rendezvous(given) == given
