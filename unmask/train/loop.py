@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict:
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 row = {"step": done, "tokens": done * tokens_per_step, "loss": stats.loss,
                        "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": progress.skipped_steps,
-                       **meter.read()}
+                       "skipped_shards": loader.skipped_shards, **meter.read()}
                 log.write(row)
                 say(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             val_due = cfg.train.val_every and done % cfg.train.val_every == 0
@@ -176,7 +176,7 @@ def make_loader(cfg: Config, dims: ParallelDims, split_dir: str, loop: bool) -> 
     return ShardLoader(split_dir, cfg.train.micro_batch_size, seq_len=cfg.train.seq_len,
                        model_vocab_size=cfg.model.vocab_size, dp_rank=dims.dp_rank, dp_world=dims.dp,
                        seed=cfg.train.seed, num_workers=cfg.data.num_workers if loop else 0, loop=loop,
-                       shuffle=loop, on_corrupt=cfg.data.on_corrupt)
+                       shuffle=loop, on_corrupt=cfg.data.on_corrupt, mix_shards=cfg.data.mix_shards)
 
 
 def load_validation(cfg: Config, dims: ParallelDims) -> list[torch.Tensor]:
