@@ -2,6 +2,9 @@
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -39,3 +42,16 @@ def test_rendezvous_from_slurm(monkeypatch):
     assert with_slurm_rendezvous(args) == ["--rdzv_endpoint", "gpu01:20077", "--rdzv_id", "slurm-77", *args]
     given = ["--rdzv-endpoint=h:1", "--rdzv_id", "mine", *args]
     assert with_slurm_rendezvous(given) == given
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("exit_code, agent_code", [(REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE), (7, 1)])
+def test_agent_passes_requeue_exit_code_through(exit_code, agent_code, tmp_path):
+    """A real torchrun with two workers that exit with `exit_code` (bare torchrun would exit 1 for 3 and 7)."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"import sys\nsys.exit({exit_code})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-m", "unmask.launcher.agent", "--nnodes", "1", "--nproc_per_node", "2",
+                           "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", str(script)],
+                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == agent_code, proc.stderr[-3000:]

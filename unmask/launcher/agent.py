@@ -71,3 +71,7 @@ def is_requeue(error) -> bool:
     one-second resolution, so which exit came first is unknown); a crash anywhere has its own exit code."""
     codes = {f.exitcode for f in error.failures.values()}
     return REQUEUE_EXIT_CODE in codes and codes <= {REQUEUE_EXIT_CODE, -signal.SIGTERM}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
