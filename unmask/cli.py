@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("unmask.train.cli", "masked-diffusion (or autoregressive) pretraining"),
     "launch": ("unmask.launcher.cli", "print or run the torchrun command / render the sbatch script"),
     "plot": ("unmask.train.plot", "PNGs of a run's loss, validation and learning-rate curves"),
+    "plan": ("unmask.plan.cli", "per-rank memory and speed of parallel layouts; a recommended one"),
 }
 
 

@@ -1,0 +1,155 @@
+"""Per-rank memory at DP=2 for ZeRO 0-3, measured against the planner (unmask/plan/memory.py).
+
+What is measured, on each of 2 gloo ranks running the real DeepSpeed engine in fp32:
+  states      bytes of parameters, gradients, fp32 master partition and Adam state this rank holds at its
+              optimizer step (bench/parallel.py's MemoryProbe: a step pre-hook walking the engine's tensors,
+              each storage once);
+  activations bytes of the tensors autograd saves for backward during one micro-batch's forward (saved-tensor
+              hooks; parameters excluded, each storage once).
+The planner's estimate of the same two quantities is printed beside them. Not in either: the loss's transient
+logits, DeepSpeed's communication buckets and ZeRO-3's gathered weights (the planner lists those separately),
+allocator slack and the Python/torch runtime; peak RSS is printed for scale. At ZeRO 1 the probe sees the
+gradient partition only (the full gradient was freed after its reduce-scatter), while the planner counts the
+full gradient that lives through backward. Prints figures; asserts nothing (tests/distributed checks 20%).
+
+    python bench/memory.py [--size small] [--micro 4] [--seq-len 128] [--stages 0,1,2,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parallel import MemoryProbe  # noqa: E402
+
+
+def make_cfg(size: str, zero: int, micro: int, seq_len: int):
+    from unmask.config import load_config
+
+    return load_config(None, [f"--model.size={size}", f"--model.max_seq_len={max(seq_len, 256)}",
+                              f"--train.micro_batch_size={micro}", f"--train.seq_len={seq_len}",
+                              "--optim.warmup_steps=0", "--parallel.engine=deepspeed", f"--parallel.zero_stage={zero}"])
+
+
+class SavedTensors:
+    """Bytes of distinct storages autograd saves for backward, parameters excluded."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.storages = model, {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        params = {p.data.untyped_storage().data_ptr() for p in self.model.parameters()}  # ZeRO-3 swaps p.data
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.nbytes():
+            self.storages[s.data_ptr()] = s  # keeping it alive keeps its address unique
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.nbytes() for s in self.storages.values())
+
+
+def measure(size: str, zero: int, micro: int, seq_len: int) -> dict:
+    """One rank's states and activations after a warm-up step (Adam's state exists from the first step)."""
+    from unmask.data.special import SpecialTokens
+    from unmask.diffusion.noise import BatchKey
+    from unmask.diffusion.objective import build_objective
+    from unmask.model.transformer import build_model
+    from unmask.parallel.dims import setup_parallel
+    from unmask.train.engine import build_engine
+
+    cfg = make_cfg(size, zero, micro, seq_len)
+    dims = setup_parallel(cfg)
+    torch.manual_seed(0)
+    special = SpecialTokens()
+    eng = build_engine(cfg, build_model(cfg.model), build_objective(cfg.diffusion, special.mask, special.pad), dims)
+    probe = MemoryProbe()
+    base = getattr(eng.ds.optimizer, "optimizer", eng.ds.optimizer)
+    base.register_step_pre_hook(lambda opt, a, k: probe(eng, opt))
+    x0 = torch.randint(5, cfg.model.vocab_size, (micro, seq_len), generator=torch.Generator().manual_seed(dims.rank))
+    key = lambda step: BatchKey(step, 0, dims.dp_rank, dims.dp, micro * dims.dp)  # noqa: E731
+    eng.train_step([x0], [key(0)])
+    saved = SavedTensors(eng.ds.module)
+    with saved.hooks():
+        eng.train_step([x0], [key(1)])
+    return {"states": sum(probe.bytes.values()), "kinds": probe.bytes, "activations": saved.bytes}
+
+
+def worker(args) -> None:
+    import resource
+
+    torch.set_num_threads(1)
+    result = {z: measure(args.size, z, args.micro, args.seq_len) for z in args.stages}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rows = [None, None]
+    import torch.distributed as dist
+
+    dist.all_gather_object(rows, {"result": result, "rss": rss})
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(rows))
+
+
+def run_ranks(size: str, micro: int, seq_len: int, stages: list[int]) -> list[dict]:
+    """Launch the 2-rank measurement; returns each rank's {"result": {stage: ...}, "rss": bytes}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               "--worker", "--out", str(out), f"--size={size}", f"--micro={micro}", f"--seq-len={seq_len}",
+               f"--stages={','.join(map(str, stages))}"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT")}
+        proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def planned(size: str, zero: int, micro: int, seq_len: int) -> tuple[float, float]:
+    """The planner's (states, activations) bytes for the measured run."""
+    from unmask.plan.memory import Layout, estimate
+
+    mem = estimate(make_cfg(size, zero, micro, seq_len), Layout(dp=2, zero=zero, micro=micro), gpu=False)
+    return mem.model_states, mem.activations
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="small")
+    p.add_argument("--micro", type=int, default=4, help="micro-batch per rank")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    ranks = run_ranks(args.size, args.micro, args.seq_len, args.stages)
+    mib = 2**20
+    print(f"model {args.size}, DP=2 (gloo, 2 processes), fp32, micro-batch {args.micro} x {args.seq_len} tokens; "
+          "MiB per rank, measured / planned (ratio)")
+    print(f"{'ZeRO':>4} {'states':>24} {'activations':>24} {'states+activations':>24}")
+    for z in args.stages:
+        r = ranks[0]["result"][str(z)]
+        ps, pa = planned(args.size, z, args.micro, args.seq_len)
+        cells = [(r["states"], ps), (r["activations"], pa), (r["states"] + r["activations"], ps + pa)]
+        text = [f"{m / mib:7.2f} / {q / mib:7.2f} ({q / m:4.2f})" for m, q in cells]
+        print(f"{z:>4} {text[0]:>24} {text[1]:>24} {text[2]:>24}")
+    print(f"for scale, rank 0's peak RSS over all stages (torch, DeepSpeed, Python included): "
+          f"{ranks[0]['rss'] / mib:.0f} MiB")
+    print("rank 1 states/activations equal rank 0's:",
+          all(ranks[1]["result"][str(z)]["states"] == ranks[0]["result"][str(z)]["states"] for z in args.stages))
+
+
+if __name__ == "__main__":
+    main()
