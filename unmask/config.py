@@ -41,6 +41,9 @@ class ModelConfig(Section):
     )
     cond_dim: int = Field(128, gt=0, description="width of the time embedding when time_conditioning")
     init_std: float = Field(0.02, gt=0, description="std of the normal weight init")
+    arch: Literal["unmask", "bert"] = Field(
+        "unmask", description="unmask: the blocks above; bert: post-LN BERT/RoBERTa encoder (imported MLMs)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -56,10 +59,13 @@ class ModelConfig(Section):
     def _check_shapes(self) -> ModelConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
-        if self.head_dim % 2:
+        if self.head_dim % 2 and self.arch == "unmask":
             raise ValueError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
         if self.kv_heads > self.n_heads or self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
+        if self.arch == "bert" and (self.time_conditioning or self.kv_heads != self.n_heads):
+            raise ValueError("arch='bert' (BERT/RoBERTa blocks) has no time conditioning and no grouped-query "
+                             "attention: set time_conditioning=false and leave n_kv_heads unset")
         return self
 
     @property

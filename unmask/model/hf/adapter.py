@@ -1,0 +1,158 @@
+"""The one key map between unmask's plain state dict and Hugging Face layouts (torchtitan's state-dict adapter).
+
+- `to_hf` / `from_hf`: unmask <-> the exported `UnmaskForMaskedLM` (modeling_unmask.py);
+- `from_roberta` / `from_bert`: a `RobertaForMaskedLM` / `BertForMaskedLM` folder -> (ModelConfig fields for
+  `arch = "bert"`, plain state dict, SpecialTokens), so the masked LM can be trained as a diffusion LM.
+
+Plain keys are those of `unmask.model.transformer.Transformer` (or `bert_blocks.BertTransformer`), never
+tensor-parallel shards: unmask.train.consolidate gathers shards first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from unmask.data.special import SpecialTokens
+from unmask.errors import CheckpointError
+
+# ------------------------------------------------------------------------------------------- unmask <-> HF
+
+
+def to_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """Plain keys -> UnmaskForMaskedLM keys: output.* -> lm_head.*, head.* stays, the rest under model.*.
+    A tied output weight is left out (transformers ties it back on load)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("output."):
+            if tied and k == "output.weight":
+                continue
+            out["lm_head." + k.removeprefix("output.")] = v
+        elif k.startswith("head."):
+            out[k] = v
+        else:
+            out["model." + k] = v
+    return out
+
+
+def from_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """UnmaskForMaskedLM keys -> plain keys (the inverse of `to_hf`)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("lm_head."):
+            out["output." + k.removeprefix("lm_head.")] = v
+        elif k.startswith("model."):
+            out[k.removeprefix("model.")] = v
+        else:
+            out[k] = v
+    if tied:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+# --------------------------------------------------------------------------------------- BERT / RoBERTa -> unmask
+
+_LAYER = {  # HF encoder layer sub-module -> unmask bert block sub-module
+    "attention.self.query": "attention.wq", "attention.self.key": "attention.wk",
+    "attention.self.value": "attention.wv", "attention.output.dense": "attention.wo",
+    "attention.output.LayerNorm": "attention_norm", "intermediate.dense": "feed_forward.w1",
+    "output.dense": "feed_forward.w2", "output.LayerNorm": "ffn_norm",
+}
+_HEADS = {  # family -> (backbone prefix, {HF head module -> unmask module})
+    "roberta": ("roberta.", {"lm_head.dense": "head.dense", "lm_head.layer_norm": "head.norm",
+                             "lm_head.decoder": "output"}),
+    "bert": ("bert.", {"cls.predictions.transform.dense": "head.dense",
+                       "cls.predictions.transform.LayerNorm": "head.norm", "cls.predictions.decoder": "output"}),
+}
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _load_mlm(folder: Path, family: str):
+    """The HF model loaded by transformers itself, so tying and legacy key names are resolved as it does."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no config.json: pass a folder written by save_pretrained")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != family:
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not {family!r}; use the matching importer")
+    config = AutoConfig.from_pretrained(folder)
+    if config.hidden_act != "gelu" or getattr(config, "is_decoder", False):
+        raise CheckpointError(f"{folder}: hidden_act={config.hidden_act!r}, is_decoder={config.is_decoder}; unmask's "
+                              "BERT blocks need the exact GELU and an encoder")
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{folder}: position_embedding_type={config.position_embedding_type!r}; only "
+                              "absolute positions are supported")
+    model = AutoModelForMaskedLM.from_pretrained(folder, dtype=torch.float32)
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _special(folder: Path, config) -> SpecialTokens:
+    """Special ids from the folder's tokenizer, else from config attributes (`mask_token_id` among them)."""
+    ids = {}
+    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() or (folder / "vocab.txt").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = {"pad": tok.pad_token_id, "unk": tok.unk_token_id, "bos": tok.bos_token_id or tok.cls_token_id,
+               "eos": tok.eos_token_id or tok.sep_token_id, "mask": tok.mask_token_id}
+    for name, attrs in {"pad": ["pad_token_id"], "unk": ["unk_token_id"], "bos": ["bos_token_id", "cls_token_id"],
+                        "eos": ["eos_token_id", "sep_token_id"], "mask": ["mask_token_id"]}.items():
+        for attr in attrs:
+            if ids.get(name) is None:
+                ids[name] = getattr(config, attr, None)
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise CheckpointError(f"{folder}: no id for the special token(s) {missing}; save the model's tokenizer in "
+                              "the folder (tokenizer.save_pretrained) or set e.g. mask_token_id in config.json")
+    return SpecialTokens.from_dict(ids)
+
+
+def _from_mlm(folder: str | Path, family: str) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+    folder = Path(folder)
+    config, hf = _load_mlm(folder, family)
+    prefix, head = _HEADS[family]
+    # RoBERTa numbers positions from padding_idx + 1: drop the rows before, so unmask's position i is its i + offset.
+    offset = config.pad_token_id + 1 if family == "roberta" else 0
+    max_len = config.max_position_embeddings - offset
+    emb = prefix + "embeddings."
+    state = {
+        "tok_embeddings.weight": hf[emb + "word_embeddings.weight"],
+        # Token type 0 is added at every position (inputs carry no segments): fold it into the position table.
+        "pos_embeddings.weight": (hf[emb + "position_embeddings.weight"][offset:]
+                                  + hf[emb + "token_type_embeddings.weight"][0]),
+        "emb_norm.weight": hf[emb + "LayerNorm.weight"], "emb_norm.bias": hf[emb + "LayerNorm.bias"],
+    }
+    for k, v in hf.items():
+        if m := _LAYER_KEY.match(k.removeprefix(prefix)):
+            layer, module, kind = m.groups()
+            if module in _LAYER:
+                state[f"layers.{layer}.{_LAYER[module]}.{kind}"] = v
+    for hf_module, ours in head.items():
+        for kind in ("weight", "bias"):
+            if f"{hf_module}.{kind}" in hf:
+                state[f"{ours}.{kind}"] = hf[f"{hf_module}.{kind}"]
+    tied = bool(config.tie_word_embeddings)
+    if tied and not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+        raise CheckpointError(f"{folder}: tie_word_embeddings is set but the decoder differs from the embeddings")
+    model = dict(arch="bert", dim=config.hidden_size, n_layers=config.num_hidden_layers,
+                 n_heads=config.num_attention_heads, ffn_dim=config.intermediate_size, vocab_size=config.vocab_size,
+                 max_seq_len=max_len, norm_eps=config.layer_norm_eps, tie_embeddings=tied,
+                 init_std=config.initializer_range)
+    return model, state, _special(folder, config)
+
+
+def from_roberta(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+    """A RobertaForMaskedLM folder -> (ModelConfig fields, plain state dict, special tokens). Positions: unmask
+    numbers every token 0..L-1 (+2 in RoBERTa's table); RoBERTa skips <pad> tokens, so logits agree exactly on
+    inputs without <pad> (unmask's shards only pad the end of the last sample of a document)."""
+    return _from_mlm(folder, "roberta")
+
+
+def from_bert(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+    """A BertForMaskedLM folder -> (ModelConfig fields, plain state dict, special tokens); token type 0."""
+    return _from_mlm(folder, "bert")
