@@ -6,9 +6,10 @@
 # cluster through SLURM_CONF=$UNMASK_SLURM_DIR/slurm.conf, so /etc/slurm is left alone.
 # Exit 77 means "cannot install SLURM here: apt-get unreachable" (the test skips on it, nothing else).
 set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin  # slurmd, slurmctld, munged
 
 dir=${UNMASK_SLURM_DIR:-/tmp/unmask-slurm}
-cpus=${UNMASK_SLURM_CPUS:-4}   # declared CPUs; config_overrides lets a 2-core box run 2 tasks plus a step
+cpus=${UNMASK_SLURM_CPUS:-4}  # CPUs the node advertises; SlurmdParameters=config_overrides lets that exceed a small box
 host=$(hostname -s)
 conf=$dir/slurm.conf
 export SLURM_CONF=$conf
