@@ -1,0 +1,120 @@
+"""`unmask export --checkpoint CKPT --out DIR`: a checkpoint (any engine, any layout) -> a Hugging Face folder.
+
+The folder holds model.safetensors, config.json (auto_map for AutoConfig, AutoModel, AutoModelForMaskedLM),
+the standalone modeling files (torch + transformers only), tokenizer.json, the sampler defaults (config.json
+"sampler", read by `diffusion_generate`) and a model card. It is written into a hidden folder beside --out and
+renamed into place when complete, so a failure at any point leaves --out as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from unmask.errors import CheckpointError
+
+HERE = Path(__file__).parent
+CODE_FILES = ("configuration_unmask.py", "modeling_unmask.py", "sampling_unmask.py", "bert_blocks.py")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_MAP = {"AutoConfig": "configuration_unmask.UnmaskConfig", "AutoModel": "modeling_unmask.UnmaskModel",
+            "AutoModelForMaskedLM": "modeling_unmask.UnmaskForMaskedLM"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/step-* folder, or a run dir (its newest valid)")
+    p.add_argument("--out", required=True, help="the folder to write (must be empty or absent unless --force)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of model.safetensors")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--sampler", choices=["ancestral", "remask"], default="ancestral", help="default sampler")
+    p.add_argument("--steps", type=int, default=64, help="default sampling steps")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
+                 sampler={"kind": args.sampler, "steps": args.steps})
+    print(f"unmask: exported {args.checkpoint} to {out}")
+    return 0
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
+           sampler: dict | None = None) -> Path:
+    """Write the Hugging Face folder `out` from `checkpoint`; returns `out`."""
+    from unmask.train.consolidate import find_tokenizer, load_checkpoint_weights, resolve, special_tokens
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"--out {out} exists and is not an empty folder; pass --force to replace it")
+    step = resolve(checkpoint)
+    cfg, state = load_checkpoint_weights(step)  # every check before anything is written
+    tokenizer = find_tokenizer(cfg)
+    special = special_tokens(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write(tmp, cfg, state, special, tokenizer, step, dtype, sampler or {})
+        if out.exists():  # --force: move the old folder aside first so a rename failure loses nothing
+            old = out.parent / f".old-export-{out.name}-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
+    """The UnmaskConfig of a run config, with every auto_map entry set (save_pretrained would write one)."""
+    from unmask.model.hf.configuration_unmask import UnmaskConfig
+
+    m = cfg.model
+    config = UnmaskConfig(
+        arch=m.arch, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads, ffn_dim=m.ffn_dim,
+        vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+        time_conditioning=m.time_conditioning, cond_dim=m.cond_dim, init_std=m.init_std,
+        causal=cfg.diffusion.objective == "ar", tie_word_embeddings=m.tie_embeddings, mask_token_id=special.mask,
+        pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos, unk_token_id=special.unk,
+        noise_schedule=cfg.diffusion.schedule, sampler=sampler or {})
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["UnmaskForMaskedLM"]
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    return config
+
+
+def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: str, sampler: dict) -> None:
+    from safetensors.torch import save_file
+
+    from unmask.data.tokenizer import export_hf_tokenizer
+    from unmask.model.hf.adapter import to_hf
+    from unmask.model.hf.card import model_card
+
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf(state, cfg.model.tie_embeddings).items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    hf_config(cfg, special, dtype, sampler).to_json_file(str(tmp / "config.json"))
+    for name in CODE_FILES:
+        shutil.copyfile(HERE / name, tmp / name)
+    export_hf_tokenizer(tokenizer, tmp)
+    meta = json.loads((step / "meta.json").read_text())
+    n_params = sum(v.numel() for v in weights.values())  # a tied output is stored once
+    (tmp / "README.md").write_text(model_card(cfg, meta, step, special, n_params))
+
+
+def hf_model(cfg, state: dict[str, torch.Tensor], special):
+    """The exported model class, in this process, holding `state` (plain keys): what `export` writes, unsaved."""
+    from unmask.model.hf.adapter import to_hf
+    from unmask.model.hf.modeling_unmask import UnmaskForMaskedLM
+
+    model = UnmaskForMaskedLM(hf_config(cfg, special))
+    missing, unexpected = model.load_state_dict(to_hf(state, cfg.model.tie_embeddings), strict=False)
+    tied_ok = cfg.model.tie_embeddings and missing == ["lm_head.weight"]
+    if unexpected or (missing and not tied_ok):
+        raise CheckpointError(f"weights do not fit the exported model: missing {missing}, unexpected {unexpected}")
+    return model.eval()

@@ -1,0 +1,99 @@
+"""`unmask train ... --init-from HF_DIR`: start a run from the weights of a Hugging Face folder.
+
+The folder is an `unmask export` (continue pretraining or fine-tune) or a BERT/RoBERTa `*ForMaskedLM` (turned
+into a diffusion LM by training it with the masked-diffusion objective). The folder fixes the architecture: its
+model fields replace the run's `[model]` section; everything else (objective, data, optimizer) is the run's.
+Optimizer state, data position and step counters start fresh; a run that resumes from its own checkpoint
+ignores the folder (the checkpoint's weights are newer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from unmask.config import Config, ModelConfig
+from unmask.data.special import SpecialTokens
+from unmask.errors import CheckpointError, ConfigError
+
+# UnmaskConfig field -> ModelConfig field (the rest have the same name)
+_RENAMED = {"tie_word_embeddings": "tie_embeddings"}
+
+
+def _read_unmask(folder: Path, config: dict) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+    from safetensors.torch import load_file
+
+    from unmask.model.hf.adapter import from_hf
+
+    fields = {_RENAMED.get(k, k): v for k, v in config.items()
+              if _RENAMED.get(k, k) in ModelConfig.model_fields and k != "size"}
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded save_pretrained output
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: weight file(s) {missing} missing; re-run `unmask export`")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    state = {k: v.to(torch.float32) for k, v in state.items()}
+    special = SpecialTokens(pad=config["pad_token_id"], unk=config.get("unk_token_id", 1),
+                            bos=config["bos_token_id"], eos=config["eos_token_id"], mask=config["mask_token_id"])
+    return fields, from_hf(state, bool(config.get("tie_word_embeddings"))), special
+
+
+def read_folder(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+    """(ModelConfig fields, plain fp32 state dict, special tokens) of an unmask export or a BERT/RoBERTa MLM."""
+    from unmask.model.hf.adapter import from_bert, from_roberta
+
+    folder = Path(hf_dir)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"--init-from {folder}: no config.json there; pass a folder written by `unmask "
+                              "export` or by save_pretrained of a BERT/RoBERTa masked LM")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-export the folder") from None
+    kind = config.get("model_type")
+    readers = {"unmask": lambda: _read_unmask(folder, config), "roberta": lambda: from_roberta(folder),
+               "bert": lambda: from_bert(folder)}
+    if kind not in readers:
+        raise CheckpointError(f"--init-from {folder}: model_type {kind!r} has no adapter; supported: "
+                              f"{sorted(readers)}")
+    return readers[kind]()
+
+
+def init_from(hf_dir: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor], dict]:
+    """(plain state dict to load into the model, ModelConfig fields that replace cfg.model). Checks the folder's
+    special ids and vocabulary against the run's training shards, when their manifest is there."""
+    fields, state, special = read_folder(hf_dir)
+    manifest = Path(cfg.data.train_dir) / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        shard_special = SpecialTokens.from_dict(data["special_tokens"])
+        if shard_special != special:
+            raise ConfigError(f"--init-from {hf_dir} uses special ids {special.to_dict()} but the shards in "
+                              f"{cfg.data.train_dir} use {shard_special.to_dict()}: tokenize the data with the "
+                              "model's tokenizer")
+        if data["vocab_size"] > fields["vocab_size"]:
+            raise ConfigError(f"the shards in {cfg.data.train_dir} have a {data['vocab_size']}-token vocabulary but "
+                              f"--init-from {hf_dir} has {fields['vocab_size']} embedding rows")
+    return state, fields
+
+
+def with_model(cfg: Config, fields: dict) -> Config:
+    """cfg with its [model] section replaced by `fields` (validated; one ConfigError line if it does not fit)."""
+    from pydantic import ValidationError
+
+    from unmask.config import describe
+
+    data = cfg.model_dump()
+    data["model"] = dict(fields)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"--init-from: {describe(e)}") from None

@@ -1,0 +1,212 @@
+"""Full fp32 weights from any unmask checkpoint, in the plain model's key names.
+
+A checkpoint folder (or a run dir -> its newest checkpoint that matches its manifest) is verified first, then:
+- LocalEngine: `engine/engine.pt`["model"];
+- DeepSpeed: per tensor-parallel rank, the module state (`mp_rank_XX_model_states.pt`), or DeepSpeed's own
+  `zero_to_fp32` over that rank's ZeRO partitions when the module holds no full fp32 copy (ZeRO-3 placeholders,
+  bf16 weights with fp32 masters); pipeline stages from their `layer_XX-model_YY-model_states.pt` files. Tensor
+  shards are concatenated along the dimension unmask.parallel.tensor split them on.
+The result is checked against the model the saved config builds, so a wrong or partial checkpoint fails here,
+with the path, rather than later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unmask.config import Config, ModelConfig, load_config_text
+from unmask.data.special import SpecialTokens
+from unmask.errors import CheckpointError
+from unmask.train.checkpoint import STEP_DIR, verify
+
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+_MP_FILE = re.compile(r"mp_rank_(\d+)")
+
+
+def build_plain_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+    """The rank-free model of either architecture family (meta-device build, then init)."""
+    if cfg.arch == "bert":
+        from unmask.model.hf.bert_blocks import build_bert
+
+        return build_bert(cfg, causal=causal, device=device)
+    from unmask.model.transformer import build_model
+
+    return build_model(cfg, causal=causal, device=device)
+
+
+def resolve(path: str | Path) -> Path:
+    """A step folder as given, or the newest `step-*` of a run dir / its checkpoints folder; verified against its
+    manifest either way."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run dir or a checkpoints/step-* folder")
+    if (path / "manifest.json").exists() or STEP_DIR.match(path.name):
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is unusable: {problem}; pick an earlier step-* folder")
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True) if root.is_dir() else []
+    for step in steps:
+        problem = verify(step)
+        if problem is None:
+            return step
+        warnings.warn(f"checkpoint {step} is unusable ({problem}); trying the previous one", stacklevel=2)
+    raise CheckpointError(f"no complete checkpoint under {path} (looked for checkpoints/step-* folders that match "
+                          "their manifest.json); train first or pass a checkpoint folder")
+
+
+def load_checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(the run's config, full fp32 state dict in plain keys) of a verified checkpoint."""
+    step = resolve(path)
+    meta = json.loads((step / "meta.json").read_text())
+    cfg = load_config_text(meta["config"], where=str(step / "meta.json"))
+    engine = step / "engine"
+    if (engine / "engine.pt").is_file():
+        state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
+    else:
+        state = _deepspeed_state(engine, cfg)
+    return cfg, _checked(state, cfg, step)
+
+
+def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
+    """fp32 copies, tied output restored, keys and shapes equal to the model the config builds."""
+    state = {k: v.detach().to(torch.float32) for k, v in state.items() if v is not None and "_extra_state" not in k}
+    if cfg.model.tie_embeddings and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    want = {k: tuple(v.shape) for k, v in build_plain_model(cfg.model, device="meta").state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        shapes = [f"{k} {got[k]} != {want[k]}" for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+        raise CheckpointError(f"checkpoint {step}: weights do not fit its config (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, shapes {shapes[:3]}); was it written by this unmask version?")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def _deepspeed_state(engine: Path, cfg: Config) -> dict[str, torch.Tensor]:
+    if not engine.is_dir() or not any(engine.iterdir()):
+        raise CheckpointError(f"{engine} holds no engine files (neither engine.pt nor DeepSpeed shards)")
+    layer_files = [p for p in engine.iterdir() if _LAYER_FILE.match(p.name)]
+    ranks = sorted({int(m.group(1)) for p in engine.glob("*model_states.pt") if (m := _MP_FILE.search(p.name))})
+    tp = max(len(ranks), 1 + max((int(_LAYER_FILE.match(p.name).group(2)) for p in layer_files), default=0))
+    if tp != cfg.parallel.tp:
+        raise CheckpointError(f"{engine} holds {tp} tensor-parallel shards but its config says parallel.tp="
+                              f"{cfg.parallel.tp}: the checkpoint is incomplete")
+    shards = [_pipeline_rank(engine, r, cfg) if layer_files else _rank_state(engine, r) for r in range(tp)]
+    return shards[0] if tp == 1 else _merge_tp(shards)
+
+
+def _load(path: Path) -> dict:
+    # DeepSpeed pickles its config and version objects next to the tensors: weights_only=False (own checkpoint).
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _rank_state(engine: Path, mp: int) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's full (data-parallel gathered) module state."""
+    files = sorted(engine.glob(f"*mp_rank_{mp:02d}_model_states.pt"))
+    first = _load(files[0])
+    stage = first.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    module = {k: v for k, v in (first.get("module") or {}).items() if v is not None}
+    full_fp32 = stage < 3 and module and all(v.dtype == torch.float32 for v in module.values())
+    if full_fp32:
+        return module
+    return _zero_to_fp32(engine, mp)
+
+
+def _zero_to_fp32(engine: Path, mp: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 over this tensor-parallel rank's files only (it globs a whole folder)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="unmask-zero-") as tmp:
+        view = Path(tmp) / "engine"
+        view.mkdir()
+        for f in engine.iterdir():
+            if f"mp_rank_{mp:02d}" in f.name:
+                (view / f.name).symlink_to(f.resolve())
+        try:
+            # It prints summaries and progress bars; the export prints its own one line.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="engine"))
+        except Exception as e:  # noqa: BLE001 - any failure inside DeepSpeed means the shards do not fit together
+            raise CheckpointError(f"{engine}: DeepSpeed could not gather the ZeRO partitions of tensor-parallel "
+                                  f"rank {mp} ({type(e).__name__}: {e})") from None
+
+
+def _pipeline_rank(engine: Path, mp: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Pipeline layer files -> plain keys: layer 0 the embedding, 1..n the blocks, n+1 the norm and head."""
+    n = cfg.model.n_layers
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(engine.iterdir()):
+        m = _LAYER_FILE.match(f.name)
+        if not m or int(m.group(2)) != mp:
+            continue
+        idx = int(m.group(1))
+        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+            if v is None or "_extra_state" in k:
+                continue
+            state[f"layers.{idx - 1}.{k.removeprefix('block.')}" if 1 <= idx <= n else k] = v
+    if any(v.dtype != torch.float32 for v in state.values()):
+        warnings.warn(f"{engine}: pipeline checkpoints are exported from their {cfg.train.dtype} module weights "
+                      "(fp32 masters of pipeline stages are not gathered)", stacklevel=2)
+    return state
+
+
+def _merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate tensor-parallel shards: column-parallel and vocab-parallel on dim 0, row-parallel on dim 1,
+    the rest (norms) is replicated."""
+    with warnings.catch_warnings():  # megatron warns at import about optional GPU libraries
+        warnings.simplefilter("ignore")
+        from unmask.parallel.tensor import _COLUMN, _ROW
+
+    out = {}
+    for key, first in shards[0].items():
+        module = key.split(".")[-2]
+        if module in _COLUMN or module in ("tok_embeddings", "output"):
+            out[key] = torch.cat([s[key] for s in shards], dim=0)
+        elif module in _ROW:
+            out[key] = torch.cat([s[key] for s in shards], dim=1)
+        else:
+            out[key] = first
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ for users
+
+
+def find_tokenizer(cfg: Config) -> Path:
+    """`<data.train_dir>/../tokenizer.model`, where prepare-data writes it."""
+    path = Path(cfg.data.train_dir).parent / "tokenizer.model"
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer {path} (next to data.train_dir={cfg.data.train_dir}) does not exist; "
+                              "restore the prepare-data output folder the run was trained on")
+    return path
+
+
+def special_tokens(cfg: Config) -> SpecialTokens:
+    """The special ids in the training shards' manifest (unmask's defaults when the shards are gone)."""
+    manifest = Path(cfg.data.train_dir) / "manifest.json"
+    if manifest.is_file():
+        return SpecialTokens.from_dict(json.loads(manifest.read_text())["special_tokens"])
+    return SpecialTokens()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, nn.Module, SpecialTokens, Path]:
+    """(config, plain model in eval mode with the checkpoint's weights, special tokens, tokenizer.model path)."""
+    cfg, state = load_checkpoint_weights(path)
+    tokenizer = find_tokenizer(cfg)
+    model = build_plain_model(cfg.model, causal=cfg.diffusion.objective == "ar", device=device)
+    model.load_state_dict(state)
+    return cfg, model.eval(), special_tokens(cfg), tokenizer
