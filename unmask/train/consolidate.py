@@ -100,8 +100,10 @@ def _deepspeed_state(engine: Path, cfg: Config) -> dict[str, torch.Tensor]:
     if not engine.is_dir() or not any(engine.iterdir()):
         raise CheckpointError(f"{engine} holds no engine files (neither engine.pt nor DeepSpeed shards)")
     layer_files = [p for p in engine.iterdir() if _LAYER_FILE.match(p.name)]
-    ranks = sorted({int(m.group(1)) for p in engine.glob("*model_states.pt") if (m := _MP_FILE.search(p.name))})
-    tp = max(len(ranks), 1 + max((int(_LAYER_FILE.match(p.name).group(2)) for p in layer_files), default=0))
+    if layer_files:  # pipeline: mp_rank_XX files there number stages x tensor ranks, the layer files tensor ranks
+        tp = 1 + max(int(_LAYER_FILE.match(p.name).group(2)) for p in layer_files)
+    else:
+        tp = len({m.group(1) for p in engine.glob("*model_states.pt") if (m := _MP_FILE.search(p.name))})
     if tp != cfg.parallel.tp:
         raise CheckpointError(f"{engine} holds {tp} tensor-parallel shards but its config says parallel.tp="
                               f"{cfg.parallel.tp}: the checkpoint is incomplete")
