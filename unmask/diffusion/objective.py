@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from unmask.config import DiffusionConfig
 from unmask.diffusion.noise import BatchKey, per_sample_uniforms, step_generator
-from unmask.diffusion.schedule import get_schedule, time_grid
+from unmask.diffusion.schedule import get_schedule
 
 
 @dataclass
@@ -120,18 +120,25 @@ class MaskedDiffusion:
         return LossOutput(loss, num_tokens, {"mask_rate": float(masked.sum()) / max(num_tokens, 1)})
 
     @torch.no_grad()
-    def eval_terms(self, model, x0: torch.Tensor, time_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deterministic NELBO estimate: a fixed midpoint time grid and a fixed mask seed.
+    def eval_terms(self, model, x0: torch.Tensor, time_samples: int,
+                   key: BatchKey | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic NELBO estimate, the same for a sample whatever the batch split or data-parallel layout.
 
-        Returns (weighted nll summed per sequence [B], maskable tokens per sequence [B]); the grid of
-        B * time_samples points is interleaved so each sequence sees `time_samples` spread-out times."""
-        g = torch.Generator().manual_seed(seed)
+        `key` places the batch in the evaluated set (an int n means BatchKey(step=n): rows are samples 0..B-1).
+        Each sample (by its global index in `key`) gets `time_samples` stratified times with a fixed per-sample
+        offset, and mask draws seeded by (seed, key.step, index). Returns (weighted nll summed per sequence [B],
+        maskable tokens per sequence [B])."""
         B, L = x0.shape
-        grid = time_grid(B * time_samples, self.cfg.eps).view(time_samples, B).t()  # [B, K]
+        key = BatchKey(step=key, global_batch=B) if isinstance(key, int) else key
+        index = key.indices(B).double()  # [B]
+        offset = (index * 0.6180339887498949) % 1  # golden-ratio spread of the stratification offsets
         total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+        counts = (x0 != self.pad_id).sum(1)
         for k in range(time_samples):
-            t = grid[:, k].to(x0.device)
-            c = self._mask(x0, t, torch.rand(B, L, generator=g).to(x0.device), None)
+            t = (self.cfg.eps + (1 - self.cfg.eps) * (1 - (k + offset) / time_samples)).float().to(x0.device)
+            u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + k, key.local_offset, key.dp_rank,
+                                                        key.dp_world, key.global_batch), B, L)
+            c = self._mask(x0, t, u.to(x0.device), None)
             x0_, masked, weight, counts = c.targets
             nll = self.vocab.nll(model(*c.inputs)[masked], x0_[masked], suppress=self.mask_id)
             per_seq = torch.zeros(B, dtype=torch.float64, device=x0.device)

@@ -31,6 +31,7 @@ from unmask.train.metrics import MetricsLog, Throughput, perplexity, unigram_ent
 from unmask.train.optim import set_peak_lr
 from unmask.train.preemption import Preemption
 
+VAL_SEED = 1_000_003  # the validation noise stream, apart from training steps
 MAX_ROLLBACKS = 3  # rollbacks to the same step in a row before giving up
 
 
@@ -116,7 +117,7 @@ def train(cfg: Config) -> dict:
                 say(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             val_due = cfg.train.val_every and done % cfg.train.val_every == 0
             if val_batches and (val_due or done == cfg.train.steps):
-                last_val = {"step": done, **validate(engine, val_batches, cfg, special.pad)}
+                last_val = {"step": done, **validate(engine, val_batches, cfg, dims, special.pad)}
                 log.write(last_val)
                 say(" ".join(f"{k}={v}" for k, v in last_val.items()), flush=True)
                 meter.reset()
@@ -187,12 +188,14 @@ def load_validation(cfg: Config, dims: ParallelDims) -> list[torch.Tensor]:
     return list(itertools.islice(iter(loader), cfg.train.val_batches))
 
 
-def validate(engine: Engine, val_batches: list[torch.Tensor], cfg: Config, pad_id: int) -> dict:
+def validate(engine: Engine, val_batches: list[torch.Tensor], cfg: Config, dims: ParallelDims, pad_id: int) -> dict:
     """Deterministic NELBO (nats/token) over the held-out batches, its perplexity bound, and the unigram
     entropy of the same tokens (a model that ignores context scores exactly that)."""
     nll, tokens = 0.0, 0
-    for i, x0 in enumerate(val_batches):
-        per_seq, counts = engine.eval_terms(x0, cfg.train.val_time_samples, seed=1_000_003 + i)
+    mb = cfg.train.micro_batch_size
+    for i, x0 in enumerate(val_batches):  # keys give each held-out sample the same noise in any layout
+        key = BatchKey(VAL_SEED, i * mb, dims.dp_rank, dims.dp, mb * dims.dp * len(val_batches))
+        per_seq, counts = engine.eval_terms(x0, cfg.train.val_time_samples, key)
         nll += float(per_seq.sum())
         tokens += int(counts.sum())
     reduce = getattr(engine, "all_reduce_dp", None)  # sum over data-parallel ranks

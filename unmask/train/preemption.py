@@ -23,5 +23,7 @@ class Preemption:
         return collective.any_rank(self.signum is not None)
 
     def restore(self) -> None:
+        """Back to the previous handlers; after a preemption the signals stay ignored instead, so a duplicate
+        (srun forwarding plus SLURM's timer) cannot kill the process while it exits with the requeue code."""
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
