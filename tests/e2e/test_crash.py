@@ -56,7 +56,7 @@ def test_kill_9_at_random_moments_loses_nothing(tiny_shards, tmp_path):
     for moment in ("random", "in-save", "random"):
         proc = start(tiny_shards, run_dir)
         done = len([r for r in metrics(run_dir) if "loss" in r])
-        assert wait_for(lambda: len([r for r in metrics(run_dir) if "loss" in r]) > done, proc)  # it is training
+        assert wait_for(lambda done=done: len([r for r in metrics(run_dir) if "loss" in r]) > done, proc)  # training
         if moment == "in-save":
             for _ in range(20):  # a save happens every step; catch one while its .tmp- folder exists
                 if wait_for(lambda: any(root.glob(".tmp-step-*")), proc):
