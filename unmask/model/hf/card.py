@@ -73,9 +73,10 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int) -> str:
         lines.append("- none recorded (the run's metrics.jsonl was not found)")
     lines += [
         "", "## Use", "", "```python",
+        "import torch",
         "from transformers import AutoModelForMaskedLM, AutoTokenizer",
         "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tok = AutoTokenizer.from_pretrained(PATH)",
+        "tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # reads config.json, hence the flag",
         "ids = torch.tensor([[model.config.bos_token_id] + tok.encode('To be')])",
         "out = model.diffusion_generate(ids, max_length=64, steps=64, seed=0)  # unmask's samplers",
         "print(tok.decode(out['sequences'][0]))",

@@ -54,8 +54,9 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: 
     tokenizer = find_tokenizer(cfg)
     special = special_tokens(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".tmp-export-{out.name}-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         _write(tmp, cfg, state, special, tokenizer, step, dtype, sampler or {})
@@ -98,6 +99,9 @@ def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: s
 
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf(state, cfg.model.tie_embeddings).items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600, unlike every other file
     hf_config(cfg, special, dtype, sampler).to_json_file(str(tmp / "config.json"))
     for name in CODE_FILES:
         shutil.copyfile(HERE / name, tmp / name)
