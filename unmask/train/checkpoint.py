@@ -198,16 +198,20 @@ class Checkpointer:
         return None
 
     def load(self, path: Path, engine, cfg: Config) -> tuple[dict, dict]:
-        """Restore the engine; return (meta, this rank's client state)."""
-        meta = json.loads((path / "meta.json").read_text())
+        """Restore the engine; return (meta, this rank's client state). A checkpoint written by another number of
+        processes (a data-parallel change) or another ZeRO stage is re-partitioned (unmask/train/reshard.py)."""
         from unmask.config import load_config_text
 
-        check_compatible(load_config_text(meta["config"], where=str(path / "meta.json")), cfg, path)
+        meta = json.loads((path / "meta.json").read_text())
+        saved = load_config_text(meta["config"], where=str(path / "meta.json"))
+        check_compatible(saved, cfg, path)
         saved_world = meta["layout"]["world"]
-        if saved_world != self.world:
-            raise CheckpointError(f"{path} was written by {saved_world} processes and this run has {self.world}; "
-                                  "resume with the same number of processes")
-        engine.load(str(path), "engine")
-        client_file = path / "client" / f"rank-{self.rank:05d}.pt"
-        client = torch.load(client_file, weights_only=True)
-        return meta, client
+        same_layout = saved_world == self.world and (saved.parallel.engine, saved.parallel.zero_stage) == (
+            cfg.parallel.engine, cfg.parallel.zero_stage)
+        if same_layout:
+            engine.load(str(path), "engine")
+            return meta, torch.load(path / "client" / f"rank-{self.rank:05d}.pt", weights_only=True)
+        from unmask.train import reshard
+
+        reshard.load_engine(path, engine, saved, cfg, self.rank)
+        return meta, reshard.client_state(path, saved_world, self.rank)
