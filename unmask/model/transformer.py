@@ -186,6 +186,10 @@ def build_model(cfg: ModelConfig, causal: bool = False, device: str | torch.devi
     The caller seeds torch beforehand; parallel wrappers may be applied between the meta build and
     materialisation by building with `device="meta"` and calling `to_empty` + `init_weights` themselves.
     """
+    if cfg.arch == "bert":  # imported BERT/RoBERTa: post-norm blocks with absolute positions
+        from unmask.model.hf.bert_blocks import build_bert
+
+        return build_bert(cfg, causal=causal, device=device)
     with torch.device("meta"):
         model = Transformer(cfg, causal=causal)
     if str(device) == "meta":

@@ -51,8 +51,9 @@ class Preempted(SystemExit):
         super().__init__(REQUEUE_EXIT_CODE)
 
 
-def train(cfg: Config) -> dict:
-    """Train as configured; returns the last validation row (empty if validation is off)."""
+def train(cfg: Config, init_state: dict | None = None) -> dict:
+    """Train as configured, from `init_state` weights if given (--init-from; a resume overrides them); returns
+    the last validation row (empty if validation is off)."""
     dims = setup_parallel(cfg)
     run_dir = Path(cfg.train.run_dir)
     if dims.is_main:
@@ -67,6 +68,8 @@ def train(cfg: Config) -> dict:
     val_batches = load_validation(cfg, dims)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model, causal=cfg.diffusion.objective == "ar", device=device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     objective = build_objective(cfg.diffusion, special.mask, special.pad, cfg.train.seed,
                                 cfg.model.time_conditioning)
     engine = build_engine(cfg, model, objective, dims)

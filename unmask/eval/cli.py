@@ -1,0 +1,110 @@
+"""`unmask eval`: how good and how fast a model is, as JSON (+ a PNG of quality versus sampling steps).
+
+(a) held-out NELBO / perplexity bound with its standard error on shards (NLL / perplexity for AR models);
+(b) generative perplexity of unconditional samples under a reference causal LM (an unmask AR checkpoint,
+    or any local Hugging Face causal-LM folder), retokenised, at each requested number of steps;
+(c) unigram entropy and distinct-n of the samples (mode collapse shows as low entropy);
+(d) speed: generated tokens/s and network evaluations (NFE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step-* folder, or `unmask export` folder")
+    p.add_argument("--shards", help="split dir for the likelihood (default: the run's data.val_dir)")
+    p.add_argument("--batches", type=int, default=16, help="held-out batches of --batch-size sequences")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--time-samples", type=int, default=8, help="NELBO time samples per sequence")
+    p.add_argument("--reference", help="generative-perplexity reference: unmask AR checkpoint or HF causal-LM folder")
+    p.add_argument("--steps", default="16,64", help="comma-separated sampling steps to evaluate samples at")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--length", type=int, default=128, help="tokens per unconditional sample")
+    p.add_argument("--sampler", default="ancestral")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="results JSON; the plot goes next to it (.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from unmask.inference import load
+
+    loaded = load(args.checkpoint)
+    results: dict = {"checkpoint": str(args.checkpoint), "objective": loaded.objective}
+    shards = args.shards or (loaded.config.data.val_dir if loaded.config else None)
+    if shards:
+        results["likelihood"] = likelihood(loaded, shards, args)
+    if loaded.objective == "mdlm":
+        reference = load_reference(args.reference) if args.reference else None
+        results["samples"] = [samples_at(loaded, int(s), reference, args) for s in args.steps.split(",")]
+        if reference:
+            from unmask.eval.plot import plot_quality_vs_steps
+
+            series = {f"{loaded.objective} samples": [(r["steps"], r["gen_ppl"]) for r in results["samples"]]}
+            png = plot_quality_vs_steps(series, Path(args.out).with_suffix(".png"), ylabel="generative perplexity")
+            results["plot"] = str(png)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def likelihood(loaded, shards: str, args) -> dict:
+    from unmask.data.loader import ShardLoader
+    from unmask.diffusion.objective import build_objective
+    from unmask.eval.likelihood import evaluate_likelihood
+
+    cfg = loaded.config
+    loader = ShardLoader(shards, args.batch_size, seq_len=read_seq_len(shards), loop=False, shuffle=False,
+                         model_vocab_size=loaded.model_cfg.vocab_size)
+    diffusion = cfg.diffusion if cfg else None
+    if diffusion is None:
+        from unmask.config import DiffusionConfig
+
+        diffusion = DiffusionConfig(objective=loaded.objective, schedule=loaded.schedule)
+    objective = build_objective(diffusion, loaded.special.mask, loaded.special.pad, 0,
+                                loaded.model_cfg.time_conditioning)
+    batches = list(itertools.islice(iter(loader), args.batches))
+    return evaluate_likelihood(loaded.model, objective, batches, time_samples=args.time_samples).to_dict()
+
+
+def read_seq_len(split_dir: str) -> int:
+    from unmask.data.loader import read_manifest
+
+    return read_manifest(split_dir).seq_len
+
+
+def load_reference(path: str):
+    from unmask.eval.genppl import HFCausalLM, UnmaskCausalLM
+    from unmask.inference import load
+
+    if (Path(path) / "config.json").is_file() and json.loads((Path(path) / "config.json").read_text()).get(
+            "model_type") != "unmask":
+        return HFCausalLM(path)
+    ref = load(path)
+    return UnmaskCausalLM(ref.model, ref.codec.encode, ref.special.bos, ref.special.pad)
+
+
+@torch.no_grad()
+def samples_at(loaded, steps: int, reference, args) -> dict:
+    from unmask.diffusion.sampler import SamplerConfig, sample
+    from unmask.diffusion.sampler_template import prompt_template
+    from unmask.eval.diversity import diversity
+    from unmask.eval.genppl import generative_perplexity
+
+    template, prompt_mask = prompt_template([[]] * args.num_samples, args.length, loaded.special)
+    result = sample(loaded.model, template, SamplerConfig(kind=args.sampler, steps=steps, seed=args.seed),
+                    loaded.special, loaded.schedule, prompt_mask=prompt_mask)
+    ids = result.token_lists(loaded.special, generated_only=True)
+    texts = [loaded.codec.decode(row) for row in ids]
+    row = {"steps": steps, "nfe": result.nfe, "tokens_per_s": round(result.tokens_per_second, 2),
+           "seconds": round(result.seconds, 3), **diversity(ids), "example": texts[0][:200]}
+    if reference is not None:
+        row["gen_ppl"] = generative_perplexity(texts, reference).perplexity
+    return row

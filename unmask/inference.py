@@ -1,0 +1,75 @@
+"""Load a trained model for inference from either a training checkpoint (sharded ones consolidated) or an
+exported Hugging Face folder, with a text codec for its tokenizer. Used by `unmask sample` and `unmask eval`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unmask.config import Config, ModelConfig
+from unmask.data.special import SpecialTokens
+from unmask.errors import CheckpointError
+
+
+class Codec:
+    """encode(text) -> ids and decode(ids) -> text, over sentencepiece or a Hugging Face tokenizer.json."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.suffix == ".model":
+            from unmask.data.tokenizer import Tokenizer
+
+            sp = Tokenizer(self.path)
+            self.encode, self.decode = sp.encode, sp.decode
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(self.path))
+            self.encode = lambda text: tok.encode(text, add_special_tokens=False)
+            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+
+
+@dataclass
+class Loaded:
+    model: nn.Module  # plain model, eval mode
+    model_cfg: ModelConfig
+    special: SpecialTokens
+    codec: Codec
+    objective: str  # "mdlm" or "ar"
+    schedule: str
+    source: Path
+    config: Config | None = None  # the run's config (checkpoints only)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
+    """A run dir, a checkpoints/step-* folder, or an `unmask export` folder (has config.json)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return _load_export(path, device)
+    from unmask.train.consolidate import load_model
+
+    cfg, model, special, tokenizer = load_model(path, device=device)
+    return Loaded(model, cfg.model, special, Codec(tokenizer), cfg.diffusion.objective, cfg.diffusion.schedule,
+                  path, cfg)
+
+
+def _load_export(path: Path, device) -> Loaded:
+    import json
+
+    from unmask.model.hf.init import read_folder
+    from unmask.train.consolidate import build_plain_model
+
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "unmask":
+        raise CheckpointError(f"{path} holds a {config.get('model_type')!r} model; sample from an `unmask export` "
+                              "folder or a training checkpoint (import BERT/RoBERTa with `unmask train --init-from`)")
+    fields, state, special = read_folder(path)
+    model_cfg = ModelConfig(**fields)
+    causal = bool(config.get("causal", False))
+    model = build_plain_model(model_cfg, causal=causal, device=device)
+    model.load_state_dict(state)
+    return Loaded(model.eval(), model_cfg, special, Codec(path), "ar" if causal else "mdlm",
+                  config.get("noise_schedule", "loglinear"), path)
