@@ -83,16 +83,17 @@ def device_peak_flops(device: str | torch.device, dtype: str) -> float | None:
 
 @functools.cache
 def cpu_matmul_flops(dtype: str) -> float:
-    """Best-of-3 FLOP/s of a square matmul on this CPU with torch's current threads. bf16 uses a smaller
-    matrix: CPUs without bf16 units emulate it tens of times slower, and the rate is flat in size anyway."""
-    n = 1024 if dtype == "fp32" else 256
+    """Best-of-3 FLOP/s of a 1024^3 `F.linear` on this CPU with torch's current threads. `F.linear` (x @ w.T),
+    the call every projection makes, not `a @ b`: without bf16 units, oneDNN's bf16 kernels differ by
+    layout (~7x apart here), and MFU should be against the kernel the model runs."""
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    n = 1024
     a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
-    a @ b  # warm-up: thread pool, packing buffers
+    torch.nn.functional.linear(a, b)  # warm-up: thread pool, packing buffers
     best = math.inf
     for _ in range(3):
         t0 = time.perf_counter()
-        a @ b
+        torch.nn.functional.linear(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
