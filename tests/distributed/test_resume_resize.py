@@ -87,7 +87,8 @@ def test_ranks_that_disagree_on_the_loader_position_are_refused(tmp_path):
 @pytest.mark.parametrize("before, after, match", [
     ({"engine": "local"}, {}, "the run was saved with the local engine"),
     ({}, {"tp": 2}, "needs parallel.tp=1 and parallel.pp=1"),
-    ({"zero_stage": 0}, {}, "cannot also switch between ZeRO-0 and ZeRO 1-3"),
+    ({"zero_stage": 0}, {}, "cannot also switch between ZeRO-0 and ZeRO 1-2"),
+    ({}, {"zero_stage": 3}, "the run resumes with parallel.zero_stage=3"),
 ])
 def test_unsupported_changes_are_refused(tiny_shards, tmp_path, before, after, match):
     def cfg(fields):

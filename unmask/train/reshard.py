@@ -1,14 +1,15 @@
-"""Resuming with another data-parallel size: the engine state through DeepSpeed's universal checkpoint, the data
-loader re-partitioned from the saved global position.
+"""Resuming with another data-parallel size (or ZeRO stage 1 <-> 2): the engine state through DeepSpeed's universal
+checkpoint, the data loader re-partitioned from the saved global position.
 
-Engine. ZeRO-1/2/3 keep the fp32 weights and Adam moments as flat partitions whose cut depends on the dp size.
+Engine. ZeRO-1/2 keep the fp32 weights and Adam moments as flat partitions whose cut depends on the dp size.
 Rank 0 converts the saved partitions with DeepSpeed's `ds_to_universal` into one folder per parameter
 (fp32 weights, exp_avg, exp_avg_sq, step) under `checkpoints/.reshard-step-…` and every rank loads its new
 partition from it (`load_universal`); the folder is deleted afterwards. Values are copied, never recomputed, so
 the resumed run starts from bit-identical weights, moments, step counts and LR schedule. ZeRO-0 keeps the whole
-optimizer on every rank: DeepSpeed loads it under any dp size as is. Tensor/pipeline degrees must not change
-(`check_compatible` refuses) and a dp change needs tp = pp = 1 (universal checkpoints of megatron-core shards
-would need their split patterns). The local engine runs one process, so it never sees a dp change.
+optimizer on every rank: DeepSpeed loads it under any dp size as is. Refused with one line: tensor/pipeline
+degree changes (`check_compatible`), a dp change with tp or pp > 1 (universal checkpoints of megatron-core shards
+would need their split patterns), ZeRO-3 on either side (DeepSpeed 0.19's universal load expects ZeRO-3 files
+the conversion does not write), switching between ZeRO-0 and 1-2, and the local engine (one process, engine.pt).
 
 Loader. Every rank saved the same global position P (synchronous data parallelism consumes equally; a
 checkpoint whose ranks disagree is refused). Each new rank restores P and takes its share of the positions from P
@@ -47,18 +48,24 @@ def client_state(path: Path, saved_world: int, rank: int) -> dict:
 
 
 def check_supported(path: Path, saved: Config, current: Config) -> None:
+    """Refuse, in one line, the layout changes this module cannot carry over exactly."""
     for cfg, when in ((saved, "was saved"), (current, "resumes")):
         p = cfg.parallel
         if p.engine != "deepspeed":
-            raise CheckpointError(f"{path}: changing the number of processes needs parallel.engine=\"deepspeed\" "
-                                  f"before and after, but the run {when} with the local engine")
+            raise CheckpointError(f"{path}: resuming with another number of processes, engine or ZeRO stage needs "
+                                  f"parallel.engine=\"deepspeed\" before and after, but the run {when} with the local "
+                                  "engine; resume with the saved layout")
         if p.tp != 1 or p.pp != 1:
             raise CheckpointError(f"{path}: changing the data-parallel size needs parallel.tp=1 and parallel.pp=1 "
                                   f"(the run {when} with tp={p.tp}, pp={p.pp}); resume with the saved world size")
+        if p.zero_stage == 3:
+            raise CheckpointError(f"{path}: the run {when} with parallel.zero_stage=3, whose universal-checkpoint "
+                                  "load fails in DeepSpeed 0.19; change the data-parallel size under ZeRO 0-2, or "
+                                  "resume with the saved world size and stage")
     a, b = saved.parallel.zero_stage, current.parallel.zero_stage
     if (a == 0) != (b == 0):
-        raise CheckpointError(f"{path} was saved with parallel.zero_stage={a} and this run has {b}: a dp change "
-                              "cannot also switch between ZeRO-0 and ZeRO 1-3; keep the saved zero_stage")
+        raise CheckpointError(f"{path} was saved with parallel.zero_stage={a} and this run has {b}: a layout change "
+                              "cannot also switch between ZeRO-0 and ZeRO 1-2; keep the saved zero_stage")
 
 
 def load_engine(path: Path, engine, saved: Config, current: Config, rank: int) -> None:
