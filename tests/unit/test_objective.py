@@ -92,9 +92,12 @@ def test_antithetic_times_cover_the_interval_evenly():
 def test_noise_is_independent_of_the_data_parallel_split():
     obj, x0 = objective(), tokens(B=8)
     whole = obj.corrupt(x0, BatchKey(step=7, global_batch=8)).inputs[0]
-    for rank in range(2):  # rank r holds samples r, r+2, ... of the global batch
-        part = obj.corrupt(x0[rank::2], BatchKey(step=7, dp_rank=rank, dp_world=2, global_batch=8)).inputs[0]
-        assert torch.equal(part, whole[rank::2])
+    for rank in range(2):  # rank r holds samples 4r .. 4r+3 of the global batch (the loader's layout)
+        part = obj.corrupt(x0[4 * rank:4 * rank + 4], BatchKey(step=7, dp_rank=rank, dp_world=2, global_batch=8))
+        assert torch.equal(part.inputs[0], whole[4 * rank:4 * rank + 4])
+    for micro in range(2):  # two accumulated micro-batches on one rank: the same split
+        part = obj.corrupt(x0[4 * micro:4 * micro + 4], BatchKey(step=7, micro=micro, global_batch=8))
+        assert torch.equal(part.inputs[0], whole[4 * micro:4 * micro + 4])
 
 
 def test_prompt_tokens_are_never_masked():
@@ -137,9 +140,10 @@ def test_eval_terms_are_deterministic_and_layout_independent():
     a = obj.eval_terms(model, x0, time_samples=3, key=11)
     b = obj.eval_terms(model, x0, time_samples=3, key=11)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for rank in range(2):  # rank r holds samples r, r+2, ...: same per-sample terms as the whole batch
-        part = obj.eval_terms(model, x0[rank::2], 3, BatchKey(step=11, dp_rank=rank, dp_world=2, global_batch=8))
-        assert torch.allclose(part[0], a[0][rank::2], rtol=1e-6)
+    for rank in range(2):  # rank r holds samples 4r .. 4r+3: same per-sample terms as the whole batch
+        part = obj.eval_terms(model, x0[4 * rank:4 * rank + 4], 3,
+                              BatchKey(step=11, dp_rank=rank, dp_world=2, global_batch=8))
+        assert torch.allclose(part[0], a[0][4 * rank:4 * rank + 4], rtol=1e-6)
 
 
 def test_autoregressive_loss_is_next_token_nll():

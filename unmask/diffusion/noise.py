@@ -29,17 +29,18 @@ def mix(*values: int) -> int:
 class BatchKey:
     """Where a micro-batch sits in the global batch of a step.
 
-    Rank r's k-th sample of the step has global index k * dp_world + r: the loader hands data-parallel
-    ranks strided samples, so this is the sample's position in the undivided stream."""
+    The loader deals each micro-batch round contiguously: rank r's micro-batch m of a step holds the step's
+    samples (m * dp_world + r) * B + [0, B). That is the samples' position in the undivided stream, so a run
+    with one rank and dp_world * B samples per micro-batch gives every sample the same index."""
 
     step: int
-    local_offset: int = 0  # samples this rank already consumed in this step
+    micro: int = 0  # micro-batch index within the step (gradient accumulation)
     dp_rank: int = 0
     dp_world: int = 1
     global_batch: int = 1  # samples per step over all ranks and micro-batches
 
     def indices(self, batch: int) -> torch.Tensor:
-        return (self.local_offset + torch.arange(batch)) * self.dp_world + self.dp_rank
+        return (self.micro * self.dp_world + self.dp_rank) * batch + torch.arange(batch)
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:

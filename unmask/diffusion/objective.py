@@ -136,7 +136,7 @@ class MaskedDiffusion:
         counts = (x0 != self.pad_id).sum(1)
         for k in range(time_samples):
             t = (self.cfg.eps + (1 - self.cfg.eps) * (1 - (k + offset) / time_samples)).float().to(x0.device)
-            u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + k, key.local_offset, key.dp_rank,
+            u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + k, key.micro, key.dp_rank,
                                                         key.dp_world, key.global_batch), B, L)
             c = self._mask(x0, t, u.to(x0.device), None)
             x0_, masked, weight, counts = c.targets

@@ -173,7 +173,7 @@ def restore(ckpt: Checkpointer, path: Path, engine: Engine, loader: ShardLoader,
 def step_keys(cfg: Config, dims: ParallelDims, step: int) -> list[BatchKey]:
     mb = cfg.train.micro_batch_size
     global_batch = mb * cfg.train.grad_accum * dims.dp
-    return [BatchKey(step, m * mb, dims.dp_rank, dims.dp, global_batch) for m in range(cfg.train.grad_accum)]
+    return [BatchKey(step, m, dims.dp_rank, dims.dp, global_batch) for m in range(cfg.train.grad_accum)]
 
 
 def make_loader(cfg: Config, dims: ParallelDims, split_dir: str, loop: bool) -> ShardLoader:
@@ -197,7 +197,7 @@ def validate(engine: Engine, val_batches: list[torch.Tensor], cfg: Config, dims:
     nll, tokens = 0.0, 0
     mb = cfg.train.micro_batch_size
     for i, x0 in enumerate(val_batches):  # keys give each held-out sample the same noise in any layout
-        key = BatchKey(VAL_SEED, i * mb, dims.dp_rank, dims.dp, mb * dims.dp * len(val_batches))
+        key = BatchKey(VAL_SEED, i, dims.dp_rank, dims.dp, mb * dims.dp * len(val_batches))
         per_seq, counts = engine.eval_terms(x0, cfg.train.val_time_samples, key)
         nll += float(per_seq.sum())
         tokens += int(counts.sum())
