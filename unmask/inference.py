@@ -25,9 +25,10 @@ class Codec:
             sp = Tokenizer(self.path)
             self.encode, self.decode = sp.encode, sp.decode
         else:
-            from transformers import AutoTokenizer
+            from transformers import PreTrainedTokenizerFast
 
-            tok = AutoTokenizer.from_pretrained(str(self.path))
+            # tokenizer.json directly: AutoTokenizer would load the folder's remote-code config (and prompt)
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(self.path / "tokenizer.json"))
             self.encode = lambda text: tok.encode(text, add_special_tokens=False)
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
 
