@@ -27,9 +27,10 @@ from unmask.model.transformer import build_model
 from unmask.parallel.dims import ParallelDims, setup_parallel
 from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.engine import Engine, build_engine
-from unmask.train.metrics import MetricsLog, Throughput, perplexity, unigram_entropy
+from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes, perplexity, unigram_entropy
 from unmask.train.optim import set_peak_lr
 from unmask.train.preemption import Preemption
+from unmask.train.report import Reporter
 
 VAL_SEED = 1_000_003  # the validation noise stream, apart from training steps
 MAX_ROLLBACKS = 3  # rollbacks to the same step in a row before giving up
@@ -44,6 +45,7 @@ class Progress:
     skipped_steps: int = 0
     bad_in_row: int = 0
     rollbacks_in_row: int = 0
+    mlflow_run_id: str | None = None
 
 
 class Preempted(SystemExit):
@@ -75,29 +77,33 @@ def train(cfg: Config, init_state: dict | None = None) -> dict:
     engine = build_engine(cfg, model, objective, dims)
     ckpt = Checkpointer(run_dir, cfg.checkpoint, dims.rank, dims.world_size)
 
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=dims.is_main)
-    say = print if dims.is_main else (lambda *a, **k: None)
     progress = Progress()
     resume_from = ckpt.find(cfg.checkpoint.resume)
     if resume_from:
         progress = restore(ckpt, resume_from, engine, loader, cfg)
-        say(f"unmask: resumed from {resume_from} at step {progress.step}", flush=True)
     set_peak_lr(engine.scheduler, cfg.optim.lr * progress.lr_scale)
+    report = Reporter(cfg, run_dir, dims.is_main, progress.step, progress.mlflow_run_id)
+    progress.mlflow_run_id = report.run_id
+    say = report.note
+    if resume_from:
+        say(f"unmask: resumed from {resume_from} at step {progress.step}")
     say(f"unmask: {param_count(cfg.model) / 1e6:.2f}M parameters, {cfg.diffusion.objective} objective, "
-        f"run dir {run_dir}", flush=True)
+        f"run dir {run_dir}")
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dims.dp * cfg.train.seq_len
-    meter = Throughput(train_flops_per_token(cfg.model, cfg.train.seq_len))
+    peak = device_peak_flops(device, cfg.train.dtype) if dims.is_main else None
+    meter = Throughput(train_flops_per_token(cfg.model, cfg.train.seq_len), peak, devices=dims.world_size)
     preemption = Preemption()
     batches = iter(loader)
     last_val: dict = {}
+    status = "FAILED"
 
     def save() -> None:
         meta = {**asdict(progress), "tokens": progress.step * tokens_per_step, "config": cfg.to_toml(),
                 "config_hash": config_hash(cfg), "saved_at": time.time(),
                 "layout": {"world": dims.world_size, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
         path = ckpt.save(progress.step, engine, meta, {"loader": loader.state_dict(), "rng": rng_state()})
-        say(f"unmask: saved {path}", flush=True)
+        say(f"unmask: saved {path}")
 
     try:
         while progress.step < cfg.train.steps:
@@ -115,23 +121,26 @@ def train(cfg: Config, init_state: dict | None = None) -> dict:
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 row = {"step": done, "tokens": done * tokens_per_step, "loss": stats.loss,
                        "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": progress.skipped_steps,
-                       "skipped_shards": loader.skipped_shards, **meter.read()}
-                log.write(row)
-                say(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                       "skipped_shards": loader.skipped_shards, **meter.read(),
+                       "peak_mem_gib": round(peak_memory_bytes() / 2**30, 3)}
+                report.row(row)
             val_due = cfg.train.val_every and done % cfg.train.val_every == 0
             if val_batches and (val_due or done == cfg.train.steps):
                 last_val = {"step": done, **validate(engine, val_batches, cfg, dims, special.pad)}
-                log.write(last_val)
-                say(" ".join(f"{k}={v}" for k, v in last_val.items()), flush=True)
+                report.row(last_val)
                 meter.reset()
             if preemption.requested():
                 save()
-                say(f"unmask: preempted; checkpoint saved, exiting with {REQUEUE_EXIT_CODE} to requeue", flush=True)
+                say(f"unmask: preempted; checkpoint saved, exiting with {REQUEUE_EXIT_CODE} to requeue")
+                status = "KILLED"
                 raise Preempted()
             if done == cfg.train.steps or ckpt.due(done):
                 save()
+        status = "FINISHED"
     finally:
         preemption.restore()
+        tokenizer = Path(cfg.data.train_dir).parent / "tokenizer.model"
+        report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [tokenizer]})
     return last_val
 
 
@@ -140,7 +149,7 @@ def handle_bad_step(progress: Progress, cfg: Config, say) -> bool:
     progress.skipped_steps += 1
     progress.bad_in_row += 1
     say(f"unmask: step {progress.step}: non-finite loss or gradient, update skipped "
-        f"({progress.bad_in_row} in a row)", flush=True)
+        f"({progress.bad_in_row} in a row)")
     return 0 < cfg.checkpoint.max_bad_steps <= progress.bad_in_row
 
 
@@ -158,7 +167,8 @@ def rollback(ckpt: Checkpointer, engine, loader, cfg: Config, progress: Progress
     restored.skipped_steps = progress.skipped_steps
     restored.rollbacks_in_row = progress.rollbacks_in_row + 1
     set_peak_lr(engine.scheduler, cfg.optim.lr * restored.lr_scale)
-    say(f"unmask: rolled back to {path} (step {restored.step}), lr scale {restored.lr_scale}", flush=True)
+    restored.mlflow_run_id = progress.mlflow_run_id
+    say(f"unmask: rolled back to {path} (step {restored.step}), lr scale {restored.lr_scale}")
     return restored
 
 
