@@ -170,6 +170,38 @@ class TrackingConfig(Section):
     experiment: str = Field("unmask", description="mlflow experiment name")
 
 
+class DistillConfig(Section):
+    """`unmask distill`: SDTT rounds (or DCD) from a frozen teacher checkpoint, and the steps-vs-quality table."""
+
+    teacher: str | None = Field(None, description="teacher checkpoint (run dir or checkpoints/step-*); or --teacher")
+    objective: Literal["sdtt", "dcd"] = Field(
+        "sdtt", description="sdtt: one student step matches two teacher steps; dcd: discrete consistency"
+    )
+    divergence: Literal["kl", "reverse_kl", "tvd"] = Field("kl", description="student-to-target divergence")
+    start_steps: int = Field(1024, gt=1, description="sampling steps the first round's teacher takes")
+    final_steps: int = Field(16, gt=0, description="sampling steps after the last round (halved each round)")
+    steps_per_round: int = Field(1000, gt=0, description="optimizer steps per round; train.steps = rounds x this")
+    teacher_dtype: Literal["fp32", "bf16"] = Field("fp32", description="the frozen teacher's inference dtype")
+    eval: bool = Field(True, description="write the steps-vs-quality table (JSON + PNG) at the end")
+    eval_teacher_steps: list[int] = Field([1024, 256, 64, 16, 8], description="teacher sampling steps evaluated")
+    eval_student_steps: list[int] = Field([64, 16, 8], description="student sampling steps evaluated")
+    eval_samples: int = Field(16, gt=0, description="unconditional samples per table row")
+    eval_length: int | None = Field(None, gt=0, description="tokens per sample (default train.seq_len)")
+    reference: str | None = Field(None, description="AR judge for gen. perplexity: unmask AR run or HF folder")
+
+    @model_validator(mode="after")
+    def _check_rounds(self) -> DistillConfig:
+        ratio = self.start_steps // self.final_steps
+        if self.start_steps % self.final_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"start_steps={self.start_steps} must be final_steps={self.final_steps} times a power "
+                             "of two (at least one halving round)")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        return (self.start_steps // self.final_steps).bit_length() - 1
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
@@ -179,6 +211,7 @@ class Config(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

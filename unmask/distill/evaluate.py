@@ -1,0 +1,54 @@
+"""Quality versus sampling steps, teacher against student: generative perplexity (when a reference AR judge is
+configured), unigram entropy and wall time of unconditional samples, as distill_eval.json and distill_eval.png in
+the run directory. Rows are made by the same code as `unmask eval` (unmask.eval.cli.samples_at)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from argparse import Namespace
+from pathlib import Path
+
+from torch import nn
+
+from unmask.config import Config
+from unmask.eval.plot import plot_quality_vs_steps
+
+
+def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> dict:
+    """Sample the teacher (cfg.distill.teacher) at eval_teacher_steps and `student` at eval_student_steps."""
+    from unmask.eval.cli import load_reference, samples_at
+    from unmask.inference import load
+
+    d = cfg.distill
+    teacher = load(d.teacher)
+    student_loaded = dataclasses.replace(teacher, model=copy.deepcopy(student).float().cpu().eval())
+    reference = load_reference(d.reference) if d.reference else None
+    args = Namespace(num_samples=d.eval_samples, length=d.eval_length or cfg.train.seq_len, sampler="ancestral",
+                     seed=cfg.train.seed)
+    rows = []
+    for name, loaded, steps_list in (("teacher", teacher, d.eval_teacher_steps),
+                                     ("student", student_loaded, d.eval_student_steps)):
+        for steps in steps_list:
+            row = {"model": name, **samples_at(loaded, steps, reference, args)}
+            row["wall_s"] = row.pop("seconds")
+            rows.append(row)
+            say(f"unmask distill: {name} at {steps} steps: entropy {row['unigram_entropy']:.3f}"
+                + (f", gen ppl {row['gen_ppl']:.2f}" if "gen_ppl" in row else "") + f", {row['wall_s']:.2f}s")
+    table = {"teacher": d.teacher, "reference": d.reference, "objective": d.objective, "rows": rows}
+    return write_table(table, run_dir)
+
+
+def write_table(table: dict, run_dir: Path) -> dict:
+    """distill_eval.json and distill_eval.png (gen. perplexity vs steps, or entropy without a reference)."""
+    run_dir = Path(run_dir)
+    (run_dir / "distill_eval.json").write_text(json.dumps(table, indent=1))
+    metric = "gen_ppl" if table["reference"] else "unigram_entropy"
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in table["rows"]:
+        series.setdefault(row["model"], []).append((row["steps"], row[metric]))
+    plot_quality_vs_steps(series, run_dir / "distill_eval.png",
+                          ylabel="generative perplexity" if metric == "gen_ppl" else "unigram entropy (nats)",
+                          title=f"{table['objective']} distillation", log_y=metric == "gen_ppl")
+    return table

@@ -1,0 +1,160 @@
+"""Distillation objectives: a student learns to sample in fewer steps from a frozen teacher.
+
+Both have MaskedDiffusion's interface (`loss(model, x0, key)`, `eval_terms`, `vocab`), so every engine trains
+them unchanged; `model` is the student, the teacher lives here. Targets are made on the fly: x_t comes from
+real tokens through the forward masking process (MaskedDiffusion.corrupt), then the teacher takes ancestral
+steps from t. Every random number (reveal draws, sampled tokens) comes from generators seeded by the step's
+BatchKey, so a resumed run reproduces the same targets.
+
+- `SDTT` (Deschenaux & Gulcehre 2024): the student's one step t -> t - D matches the teacher's two steps
+  t -> t - D/2 -> t - D, D = 1 / (current sampling steps).
+- `DCD` (consistency-style, after Duo, Sahoo et al. 2025): the student's prediction at x_t matches its own
+  stop-gradient prediction at x_s, one teacher ancestral step later on the same trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from unmask.config import DistillConfig
+from unmask.diffusion.noise import BatchKey, mix, per_sample_uniforms
+from unmask.diffusion.objective import LossOutput, MaskedDiffusion
+from unmask.train.engine import autocast
+
+REVEAL_STREAM, TOKEN_STREAM = 0xD1, 0xD2  # seed offsets of the teacher's draws, apart from the masking draws
+LOG_FLOOR = -1e4  # stands in for log 0 (the <mask> column) so that 0 * log 0 terms stay 0, not nan
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row divergence between target p and student q given as log-probs [N, V] -> [N]."""
+    log_p, log_q = log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR)
+    if kind == "kl":  # KL(p || q): mode-covering, SDTT's default
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":  # KL(q || p): mode-seeking
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"distill.divergence={kind!r}; allowed: kl, reverse_kl, tvd")
+
+
+def frozen_copy(model: nn.Module, dtype: str) -> nn.Module:
+    """The teacher: its own inference copy, no gradients, optionally bf16."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher.to(torch.bfloat16) if dtype == "bf16" else teacher
+
+
+class _Distill:
+    """What both variants share: the forward process, the frozen teacher, rounds and the teacher's steps."""
+
+    def __init__(self, cfg: DistillConfig, diffusion: MaskedDiffusion, teacher: nn.Module):
+        self.cfg, self.diffusion, self.teacher = cfg, diffusion, teacher
+        self.mask_id, self.seed, self.schedule = diffusion.mask_id, diffusion.seed, diffusion.schedule
+        self.steps = cfg.start_steps  # the teacher's sampling steps this round
+
+    @property
+    def vocab(self):  # engines swap the loss's vocab handling; distillation needs full-vocabulary logits
+        return self.diffusion.vocab
+
+    @vocab.setter
+    def vocab(self, value):
+        self.diffusion.vocab = value
+
+    def set_round(self, round_: int) -> None:
+        self.steps = self.cfg.start_steps >> round_
+
+    @torch.no_grad()
+    def replace_teacher(self, student_state: dict) -> None:
+        """Round boundary: the previous student becomes the teacher (copied: the student keeps training)."""
+        self.teacher.load_state_dict(student_state)
+
+    def eval_terms(self, model, x0, time_samples, key):
+        return self.diffusion.eval_terms(model, x0, time_samples, key)
+
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, where: torch.Tensor, dtype: str = "fp32"):
+        """log p(x0 | x) at the positions `where` [B, L]: [N, V] fp32, <mask> never predicted (SUBS). Computed
+        out of place (unlike subs_log_probs) so the student's gradient can flow through it."""
+        args = (x, t) if self.diffusion.time_conditioned else (x,)
+        with autocast(dtype, x.device):
+            logits = model(*args)[where].float()  # [N, V]
+        suppress = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        suppress[self.mask_id] = True
+        return logits.masked_fill(suppress, float("-inf")).log_softmax(-1)
+
+    def teacher_step(self, xt: torch.Tensor, t: torch.Tensor, s: torch.Tensor, key: BatchKey, stream: int):
+        """One ancestral step of the teacher t -> s per sample (t, s: [B]), from every mask of x_t.
+
+        Returns (x_s [B, L], revealed [B, L] bool, teacher log-probs at x_t's masks [N, V])."""
+        B, L = xt.shape
+        masked = xt == self.mask_id  # [B, L]
+        log_p = self.predict(self.teacher, xt, t, masked, self.cfg.teacher_dtype)  # [N, V]
+        # 1. Each mask is revealed with probability (alpha(s) - alpha(t)) / (1 - alpha(t)): [B, L].
+        a_t, a_s = self.schedule.alpha(t.double()), self.schedule.alpha(s.double())
+        p_reveal = ((a_s - a_t) / (1 - a_t)).float()[:, None]  # [B, 1]
+        u = per_sample_uniforms(mix(self.seed, REVEAL_STREAM, stream), key, B, L).to(xt.device)
+        revealed = masked & (u < p_reveal)  # [B, L]
+        # 2. Tokens by inverse-CDF sampling from the teacher, one seeded uniform per position: [N].
+        v = per_sample_uniforms(mix(self.seed, TOKEN_STREAM, stream), key, B, L).to(xt.device)[masked]
+        cdf = log_p.double().exp().cumsum(-1)  # [N, V]
+        tokens = torch.searchsorted(cdf, (v.double() * cdf[:, -1])[:, None])[:, 0].clamp_max(cdf.shape[-1] - 1)
+        xs = torch.where(revealed, xt.masked_scatter(masked, tokens), xt)
+        return xs, revealed, log_p
+
+    def loss(self, model, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> LossOutput:
+        # 1. Forward process on real tokens: x_t [B, L], t [B], masked [B, L] (pads and prompts never are).
+        c = self.diffusion.corrupt(x0, key, prompt_mask)
+        xt = c.inputs[0]
+        _, masked, _, counts = c.targets
+        t = c.inputs[1] if len(c.inputs) > 1 else self.diffusion.times(key, x0.shape[0]).to(x0.device)  # [B]
+        # 2. Target distribution at each masked position (no gradient): [N, V].
+        with torch.no_grad():
+            log_target = self.target(model, xt, t, key)
+        # 3. Student's one-step distribution at x_t: [N, V].
+        log_student = self.predict(model, xt, t, masked)
+        # 4. Divergence per masked token [N], normalised per maskable token like the ELBO.
+        per_token = divergence(log_target, log_student, self.cfg.divergence)
+        num_tokens = int(counts.sum())
+        loss = per_token.sum() / max(num_tokens, 1)
+        return LossOutput(loss, num_tokens, {"mask_rate": float(masked.sum()) / max(num_tokens, 1),
+                                             "teacher_steps": float(self.steps)})
+
+    def target(self, model, xt, t, key) -> torch.Tensor:
+        """log target [N, V] at the N masks of x_t."""
+        raise NotImplementedError
+
+
+class SDTT(_Distill):
+    """Self-distillation through time: one student step reproduces two teacher steps."""
+
+    def target(self, model, xt: torch.Tensor, t: torch.Tensor, key: BatchKey) -> torch.Tensor:
+        dt = 1.0 / self.steps
+        u = (t - dt / 2).clamp_min(0)  # [B]; the second half-step ends at t - dt
+        masked = xt == self.mask_id  # [B, L]
+        # 1. First teacher half-step t -> u; its distribution p(x0 | x_t) at x_t's masks [N, V].
+        xu, first, log_p1 = self.teacher_step(xt, t, u, key, stream=1)
+        # 2. Second half-step u -> s: only its distribution p(x0 | x_u) is needed, at the same positions [N, V].
+        log_p2 = self.predict(self.teacher, xu, u, masked, self.cfg.teacher_dtype)
+        # 3. The distribution each token was (or will be) drawn from over the two steps: a token revealed in the
+        #    first step came from p1; every other mask is decided with x_u's context, by p2: [N, V].
+        return torch.where(first[masked][:, None], log_p1, log_p2)
+
+
+class DCD(_Distill):
+    """Discrete consistency: predictions at x_t and at x_s (one teacher step on) should agree."""
+
+    def target(self, model, xt: torch.Tensor, t: torch.Tensor, key: BatchKey) -> torch.Tensor:
+        s = (t - 1.0 / self.steps).clamp_min(0)  # [B]
+        masked = xt == self.mask_id  # [B, L]
+        # 1. The trajectory: one teacher ancestral step t -> s: x_s [B, L].
+        xs, revealed, log_p1 = self.teacher_step(xt, t, s, key, stream=1)
+        # 2. The student's own prediction further along it, stop-gradient (the consistency target): [N, V].
+        log_ps = self.predict(model, xs, s, masked)
+        # 3. A token the trajectory already committed keeps the distribution it was drawn from: [N, V].
+        return torch.where(revealed[masked][:, None], log_p1, log_ps)
+
+
+def build_distill_objective(cfg: DistillConfig, diffusion: MaskedDiffusion, teacher: nn.Module) -> _Distill:
+    return {"sdtt": SDTT, "dcd": DCD}[cfg.objective](cfg, diffusion, teacher)
