@@ -64,7 +64,7 @@ def test_bad_sampling_input_is_one_clear_line(runs, args, says):
 def test_eval_writes_likelihood_samples_and_plot(runs, tmp_path):
     out = tmp_path / "eval" / "results.json"
     proc = cli("eval", "--checkpoint", str(runs / "mdlm"), "--reference", str(runs / "ar"), "--steps", "4,8",
-               "--num-samples", "2", "--length", "24", "--batches", "2", "--out", str(out))
+               "--num-samples", "2", "--length", "24", "--batches", "2", "--out", str(out), "--track")
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     lik = results["likelihood"]
@@ -73,3 +73,9 @@ def test_eval_writes_likelihood_samples_and_plot(runs, tmp_path):
     assert [r["steps"] for r in results["samples"]] == [4, 8]
     assert all(r["gen_ppl"] > 1 and r["nfe"] <= r["steps"] for r in results["samples"])
     assert out.with_suffix(".png").stat().st_size > 1000
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("unmask-eval").experiment_id])[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_ppl")] == [4, 8]
+    assert "likelihood_nats_per_token" in run.data.metrics

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="results JSON; the plot goes next to it (.png)")
+    p.add_argument("--track", action="store_true",
+                   help="also log the results to mlflow (the run's tracking settings; experiment <name>-eval)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +54,28 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+    if args.track:
+        track(loaded, results, Path(args.out))
     return 0
+
+
+def track(loaded, results: dict, out: Path) -> None:
+    """One mlflow run per evaluation: likelihood as metrics, sample quality with the sampling steps as x axis."""
+    from unmask.config import Config
+    from unmask.train.tracking import Tracker
+
+    cfg = loaded.config or Config()
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"enabled": True, "experiment": f"{cfg.tracking.experiment}-eval"})})
+    tracker = Tracker(cfg, out.parent, enabled=True)
+    tracker.start()
+    tracker.log_metrics({f"likelihood_{k}": v for k, v in results.get("likelihood", {}).items()}, 0)
+    for row in results.get("samples", []):
+        tracker.log_metrics(row, row["steps"])
+    for path in (out, out.with_suffix(".png")):
+        if path.exists():
+            tracker.log_artifact(path, "eval")
+    tracker.close()
 
 
 def likelihood(loaded, shards: str, args) -> dict:
