@@ -124,11 +124,7 @@ def test_init_from_an_export_then_one_step_equals_one_step_from_the_checkpoint(t
 
 
 def test_train_cli_init_from(trained, tiny_shards, tmp_path):
-    """Through `unmask train --init-from` (once the train command has the flag)."""
-    from unmask.train import cli as train_cli
-
-    if "--init-from" not in open(train_cli.__file__).read():
-        pytest.skip("unmask train has no --init-from flag yet (integration pending)")
+    """Through `unmask train --init-from`."""
     export(trained, tmp_path / "hf")
     run_dir = tmp_path / "new"
     args = tiny_cli_args(tiny_shards, run_dir, *FAST, "--train.steps=1", "--checkpoint.interval_steps=1")
@@ -210,10 +206,6 @@ def test_imported_bert_trains_with_the_diffusion_objective(tiny_shards, tmp_path
 
 
 def test_train_cli_init_from_bert(tiny_shards, tmp_path):
-    from unmask.train import cli as train_cli
-
-    if "--init-from" not in open(train_cli.__file__).read():
-        pytest.skip("unmask train has no --init-from flag yet (integration pending)")
     save_bert_like_unmask_vocab(tmp_path / "bert")
     run_dir = tmp_path / "run"
     assert main(["train", *tiny_cli_args(tiny_shards, run_dir, *FAST), "--init-from", str(tmp_path / "bert")]) == 0
