@@ -16,10 +16,11 @@ unmask prepare-data "$CORPUS" --out data/shakespeare --vocab-size 4096 --seq-len
 echo "== 3/4 train: configs/demo-cpu.toml"
 unmask train configs/demo-cpu.toml "$@"
 
-echo "== 4/4 sample"
-if unmask sample --help >/dev/null 2>&1; then
-  unmask sample --checkpoint runs/demo-cpu --num-samples 3 --steps 64 --out runs/demo-cpu/samples.jsonl
-fi
+echo "== 4/4 sample: 2 unconditional samples and one infill (64 steps each)"
+unmask sample --checkpoint runs/demo-cpu --num-samples 2 --length 128 --steps 64 --out runs/demo-cpu/samples.jsonl
+unmask sample --checkpoint runs/demo-cpu --prompt "ROMEO: <mask:24> Juliet" --steps 64 >> runs/demo-cpu/samples.jsonl
+python -c 'import json,sys; [print("---", json.loads(l)["text"][:400]) for l in open(sys.argv[1])]' \
+  runs/demo-cpu/samples.jsonl
 
 cat <<MSG
 
