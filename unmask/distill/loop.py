@@ -13,17 +13,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from unmask.config import Config
 from unmask.diffusion.objective import MaskedDiffusion
 from unmask.distill.objective import build_distill_objective, frozen_copy
 from unmask.errors import ConfigError
 from unmask.model.transformer import build_model
-from unmask.parallel.dims import setup_parallel
 from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.engine import build_engine
-from unmask.train.loop import load_validation, make_loader, step_keys, validate
+from unmask.train.loop import load_validation, make_loader, start_run, step_keys, validate
 from unmask.train.optim import set_peak_lr
 from unmask.train.report import Reporter
 
@@ -67,19 +64,10 @@ def distill(cfg: Config, teacher: str | None = None, stop_at: int | None = None)
     """Distil the teacher checkpoint into a student initialised from it; returns the last validation row.
     `stop_at`: save and return after this step (a kill-free interruption, for resume tests)."""
     cfg, teacher_state = prepare_config(cfg, teacher)
-    dims = setup_parallel(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    if dims.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-
+    dims, run_dir, device = start_run(cfg)
     loader = make_loader(cfg, dims, cfg.data.train_dir, loop=True)
     special = loader.manifest.special
     val_batches = load_validation(cfg, dims)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model, device=device)
     model.load_state_dict(teacher_state)  # the student starts as the teacher
     diffusion = MaskedDiffusion(cfg.diffusion, special.mask, special.pad, cfg.train.seed, cfg.model.time_conditioning)

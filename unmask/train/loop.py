@@ -56,19 +56,10 @@ class Preempted(SystemExit):
 def train(cfg: Config, init_state: dict | None = None) -> dict:
     """Train as configured, from `init_state` weights if given (--init-from; a resume overrides them); returns
     the last validation row (empty if validation is off)."""
-    dims = setup_parallel(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    if dims.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-
+    dims, run_dir, device = start_run(cfg)
     loader = make_loader(cfg, dims, cfg.data.train_dir, loop=True)
     special = loader.manifest.special
     val_batches = load_validation(cfg, dims)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model, causal=cfg.diffusion.objective == "ar", device=device)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -142,6 +133,20 @@ def train(cfg: Config, init_state: dict | None = None) -> dict:
         tokenizer = Path(cfg.data.train_dir).parent / "tokenizer.model"
         report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [tokenizer]})
     return last_val
+
+
+def start_run(cfg: Config) -> tuple[ParallelDims, Path, torch.device]:
+    """What every stage does first: process groups, the run directory with its resolved config, threads, seed,
+    device."""
+    dims = setup_parallel(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    if dims.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    return dims, run_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def handle_bad_step(progress: Progress, cfg: Config, say) -> bool:
