@@ -139,7 +139,23 @@ def all_reduce_dp(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-class DeepSpeedEngine:
+class DeepSpeedCheckpointing:
+    """What both DeepSpeed engines share: the data-parallel reduction and per-rank checkpoint files (model shards,
+    ZeRO partitions, LR schedule) written by DeepSpeed itself."""
+
+    ds = None
+
+    def all_reduce_dp(self, values: list[float]) -> list[float]:
+        return all_reduce_dp(values)
+
+    def save(self, directory: str, tag: str) -> None:
+        self.ds.save_checkpoint(directory, tag=tag)
+
+    def load(self, directory: str, tag: str) -> None:
+        self.ds.load_checkpoint(directory, tag=tag)
+
+
+class DeepSpeedEngine(DeepSpeedCheckpointing):
     """The LocalEngine interface on a DeepSpeed engine (`.ds`), without pipeline stages."""
 
     def __init__(self, cfg: Config, model: nn.Module, objective, dims: ParallelDims):
@@ -184,22 +200,6 @@ class DeepSpeedEngine:
     def eval_terms(self, x0, time_samples, seed):
         self.ds.eval()
         return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, seed)
-
-    def all_reduce_dp(self, values: list[float]) -> list[float]:
-        return all_reduce_dp(values)
-
-    # Checkpoint hooks: DeepSpeed saves model shards, ZeRO partitions and the LR schedule per rank.
-    def save(self, directory: str, tag: str) -> None:
-        self.ds.save_checkpoint(directory, tag=tag)
-
-    def load(self, directory: str, tag: str) -> None:
-        self.ds.load_checkpoint(directory, tag=tag)
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError("the DeepSpeed engine checkpoints per rank: use engine.save(dir, tag)")
-
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError("the DeepSpeed engine checkpoints per rank: use engine.load(dir, tag)")
 
 
 def build_deepspeed_engine(cfg: Config, model: nn.Module, objective, dims: ParallelDims):

@@ -16,7 +16,7 @@ from torch import nn
 from unmask.config import Config
 from unmask.parallel.dims import ParallelDims
 from unmask.parallel.engine import (
-    all_reduce_dp,
+    DeepSpeedCheckpointing,
     clip_hook,
     deepspeed_config,
     keep_fp32_buffers,
@@ -78,7 +78,7 @@ def build_pipeline_module(model: nn.Module, objective, dims: ParallelDims):
                           dynamic_shape=True)
 
 
-class PipelineEngine:
+class PipelineEngine(DeepSpeedCheckpointing):
     """The LocalEngine interface on a DeepSpeed PipelineEngine (`.ds`)."""
 
     def __init__(self, cfg: Config, model: nn.Module, objective, dims: ParallelDims):
@@ -139,17 +139,3 @@ class PipelineEngine:
         dist.broadcast(out, src=last, group=ps.get_pipeline_model_parallel_group())
         return out[0], out[1].long()
 
-    def all_reduce_dp(self, values: list[float]) -> list[float]:
-        return all_reduce_dp(values)
-
-    def save(self, directory: str, tag: str) -> None:
-        self.ds.save_checkpoint(directory, tag=tag)
-
-    def load(self, directory: str, tag: str) -> None:
-        self.ds.load_checkpoint(directory, tag=tag)
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError("the pipeline engine checkpoints per rank: use engine.save(dir, tag)")
-
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError("the pipeline engine checkpoints per rank: use engine.load(dir, tag)")
