@@ -72,6 +72,9 @@ def test_eval_writes_likelihood_samples_and_plot(runs, tmp_path):
                                                                                         lik["nats_per_token"])
     assert [r["steps"] for r in results["samples"]] == [4, 8]
     assert all(r["gen_ppl"] > 1 and r["nfe"] <= r["steps"] for r in results["samples"])
+    baselines = results["text_baselines"]  # held-out text and its word-shuffled copy, scored by the same judge
+    assert baselines["real_text"]["gen_ppl"] > 1 and baselines["shuffled_words"]["gen_ppl"] > 1
+    assert baselines["real_text"]["unigram_entropy"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
     from mlflow.tracking import MlflowClient
 

@@ -46,8 +46,8 @@ def test_target_is_a_distribution_at_every_masked_position(objective):
 def test_teacher_initialised_student_is_close_but_two_steps_differ_from_one():
     model, obj, x0 = setup(steps=2)
     key = BatchKey(0, global_batch=8)
-    coarse = obj.loss(model, x0, key).loss.item()  # D = 1/2: the first half-step reveals many tokens
-    obj.steps = 1024  # D = 1/1024: almost nothing is revealed between the half-steps
+    coarse = obj.loss(model, x0, key).loss.item()  # teacher steps of 1/2: the first reveals many tokens
+    obj.steps = 1024  # steps of 1/1024: almost nothing is revealed between the two
     fine = obj.loss(model, x0, key).loss.item()
     print(coarse, fine)
     assert coarse > 0.01  # two teacher steps are not one: newly revealed context moves the prediction

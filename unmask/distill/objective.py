@@ -6,8 +6,8 @@ real tokens through the forward masking process (MaskedDiffusion.corrupt), then 
 steps from t. Every random number (reveal draws, sampled tokens) comes from generators seeded by the step's
 BatchKey, so a resumed run reproduces the same targets.
 
-- `SDTT` (Deschenaux & Gulcehre 2024): the student's one step t -> t - D matches the teacher's two steps
-  t -> t - D/2 -> t - D, D = 1 / (current sampling steps).
+- `SDTT` (Deschenaux & Gulcehre 2024): the student's one step t -> t - 2D matches the teacher's two steps
+  t -> t - D -> t - 2D, D = 1 / (the teacher's sampling steps this round): the student needs half as many.
 - `DCD` (consistency-style, after Duo, Sahoo et al. 2025): the student's prediction at x_t matches its own
   stop-gradient prediction at x_s, one teacher ancestral step later on the same trajectory.
 """
@@ -130,12 +130,12 @@ class SDTT(_Distill):
     """Self-distillation through time: one student step reproduces two teacher steps."""
 
     def target(self, model, xt: torch.Tensor, t: torch.Tensor, key: BatchKey) -> torch.Tensor:
-        dt = 1.0 / self.steps
-        u = (t - dt / 2).clamp_min(0)  # [B]; the second half-step ends at t - dt
+        dt = 1.0 / self.steps  # the teacher's step; the student's is 2 dt (half as many steps)
+        u = (t - dt).clamp_min(0)  # [B]; the second teacher step ends at t - 2 dt
         masked = xt == self.mask_id  # [B, L]
-        # 1. First teacher half-step t -> u; its distribution p(x0 | x_t) at x_t's masks [N, V].
+        # 1. First teacher step t -> u; its distribution p(x0 | x_t) at x_t's masks [N, V].
         xu, first, log_p1 = self.teacher_step(xt, t, u, key, stream=1)
-        # 2. Second half-step u -> s: only its distribution p(x0 | x_u) is needed, at the same positions [N, V].
+        # 2. Second teacher step u -> t - 2 dt: only its distribution p(x0 | x_u) is needed, at the same positions [N, V].
         log_p2 = self.predict(self.teacher, xu, u, masked, self.cfg.teacher_dtype)
         # 3. The distribution each token was (or will be) drawn from over the two steps: a token revealed in the
         #    first step came from p1; every other mask is decided with x_u's context, by p2: [N, V].

