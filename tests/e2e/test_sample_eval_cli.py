@@ -71,6 +71,8 @@ def test_eval_writes_likelihood_samples_and_plot(runs, tmp_path):
     assert lik["tokens"] > 0 and lik["stderr"] > 0 and lik["perplexity"] == pytest.approx(2.718281828 **
                                                                                         lik["nats_per_token"])
     assert [r["steps"] for r in results["samples"]] == [4, 8]
+    assert results["sampler"] == {"kind": "ancestral", "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                  "block_length": None}
     assert all(r["gen_ppl"] > 1 and r["nfe"] <= r["steps"] for r in results["samples"])
     baselines = results["text_baselines"]  # held-out text and its word-shuffled copy, scored by the same judge
     assert baselines["real_text"]["gen_ppl"] > 1 and baselines["shuffled_words"]["gen_ppl"] > 1

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         results["likelihood"] = likelihood(loaded, shards, args)
     if loaded.objective == "mdlm":
         reference = load_reference(args.reference) if args.reference else None
+        results["sampler"] = {"kind": args.sampler, **sampler_knobs(args)}  # scores depend on it: say which
         results["samples"] = [samples_at(loaded, int(s), reference, args) for s in args.steps.split(",")]
         if reference and shards:
             results["text_baselines"] = text_baselines(loaded, shards, reference, args)
@@ -150,6 +151,11 @@ def load_reference(path: str):
     return UnmaskCausalLM(ref.model, ref.codec.encode, ref.special.bos, ref.special.pad)
 
 
+def sampler_knobs(args) -> dict:
+    """The sampling options `args` sets (distillation's table passes none: plain ancestral sampling)."""
+    return {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "block_length") if hasattr(args, k)}
+
+
 @torch.no_grad()
 def samples_at(loaded, steps: int, reference, args) -> dict:
     from unmask.diffusion.sampler import SamplerConfig, sample
@@ -158,9 +164,8 @@ def samples_at(loaded, steps: int, reference, args) -> dict:
     from unmask.eval.genppl import generative_perplexity
 
     template, prompt_mask = prompt_template([[]] * args.num_samples, args.length, loaded.special)
-    knobs = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "block_length") if hasattr(args, k)}
-    result = sample(loaded.model, template, SamplerConfig(kind=args.sampler, steps=steps, seed=args.seed, **knobs),
-                    loaded.special, loaded.schedule, prompt_mask=prompt_mask)
+    config = SamplerConfig(kind=args.sampler, steps=steps, seed=args.seed, **sampler_knobs(args))
+    result = sample(loaded.model, template, config, loaded.special, loaded.schedule, prompt_mask=prompt_mask)
     ids = result.token_lists(loaded.special, generated_only=True)
     texts = [loaded.codec.decode(row) for row in ids]
     row = {"steps": steps, "nfe": result.nfe, "tokens_per_s": round(result.tokens_per_second, 2),
