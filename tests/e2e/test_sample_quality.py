@@ -2,10 +2,11 @@
 with SmolLM2-135M (the eval extra) as the independent judge of generative perplexity.
 
 Budget, measured on 2 CPU cores: 4000 steps of the `tiny` model (~8M tokens, ~4 minutes) take the held-out
-NELBO to ~3.7 nats/token (unigram entropy 4.87). At that stage a sample drawn at temperature 1 still spells
-many words wrong (gen. perplexity ~1400, above word-shuffled real text's ~1200: a reference LM forgives
-shuffled *real* words more than misspelt ones); top-k 20 sampling (entropy within 5% of real text, so no
-collapse) scores ~600-800. Both are printed; the check is on top-k samples.
+NELBO to 3.61 nats/token (unigram entropy 4.87). At that stage a sample drawn at temperature 1 still spells
+many words wrong (gen. perplexity 1327, above word-shuffled real text's 1170: a reference LM forgives shuffled
+*real* words more than misspelt ones); top-k 20 sampling (entropy 3.90 against real text's 4.03, so no
+collapse) scores 663 (4.12 bits/byte against shuffled text's 2.82). All are printed; the check
+against shuffled text is on top-k samples, per reference token.
 """
 
 from __future__ import annotations
@@ -66,26 +67,35 @@ def test_samples_beat_the_untrained_model_and_shuffled_text(trained, tmp_path):
         assert proc.returncode == 0, proc.stderr
         runs[name] = json.loads(out.read_text())
     baselines = runs["top-k 20"]["text_baselines"]
-    # The untrained model: the same network at its initial weights (uniform-ish predictions), same sampler.
+    # The untrained model: the same network at its initial weights, sampled the same two ways.
     loaded = load(trained)
     torch.manual_seed(0)
     loaded.model.init_weights()
-    untrained = samples_at(loaded, STEPS, load_reference("smollm2"), Namespace(
-        num_samples=SAMPLES, length=LENGTH, sampler="ancestral", seed=0, top_k=20))
+    reference = load_reference("smollm2")
+    untrained = {name: samples_at(loaded, STEPS, reference, Namespace(
+        num_samples=SAMPLES, length=LENGTH, sampler="ancestral", seed=0, top_k=k))
+        for name, k in (("temperature 1", 0), ("top-k 20", 20))}
 
-    real, shuffled = baselines["real_text"], baselines["shuffled_words"]["gen_ppl"]
-    print(f"\ngenerative perplexity under SmolLM2-135M, {SAMPLES} samples x {LENGTH} tokens, {STEPS} steps:")
-    print(f"  held-out text           {real['gen_ppl']:9.1f}  (unigram entropy {real['unigram_entropy']:.3f})")
-    print(f"  word-shuffled held-out  {shuffled:9.1f}")
+    real, shuffled = baselines["real_text"], baselines["shuffled_words"]
+    print(f"\nunder SmolLM2-135M, {SAMPLES} samples x {LENGTH} tokens, {STEPS} steps: gen. perplexity per "
+          "reference token, bits per byte, unigram entropy")
+    print(f"  held-out text            {real['gen_ppl']:8.1f} {real['gen_bits_per_byte']:6.3f} "
+          f"{real['unigram_entropy']:6.3f}")
+    print(f"  word-shuffled held-out   {shuffled['gen_ppl']:8.1f} {shuffled['gen_bits_per_byte']:6.3f}")
     for name, res in runs.items():
-        row = res["samples"][0]
-        print(f"  trained, {name:14} {row['gen_ppl']:9.1f}  (unigram entropy {row['unigram_entropy']:.3f})")
-    print(f"  untrained, top-k 20     {untrained['gen_ppl']:9.1f}  "
-          f"(unigram entropy {untrained['unigram_entropy']:.3f})")
+        row, init = res["samples"][0], untrained[name]
+        for who, r in (("trained", row), ("untrained", init)):
+            label = f"{who}, {name}"
+            print(f"  {label:24} {r['gen_ppl']:8.1f} {r['gen_bits_per_byte']:6.3f} {r['unigram_entropy']:6.3f}")
+        assert row["nfe"] <= STEPS
+        # Per byte, training wins whatever the sampler. (Per reference token, random pieces of a 512-piece vocab
+        # at temperature 1 score ~1000, below this model's ~1300: the judge cuts them into many short tokens.)
+        assert row["gen_bits_per_byte"] < init["gen_bits_per_byte"]
 
-    trained_row = runs["top-k 20"]["samples"][0]
-    assert trained_row["nfe"] <= STEPS
-    assert trained_row["gen_ppl"] < shuffled < untrained["gen_ppl"]
-    assert trained_row["gen_ppl"] < runs["temperature 1"]["samples"][0]["gen_ppl"] < untrained["gen_ppl"]
-    assert real["gen_ppl"] < trained_row["gen_ppl"]  # the judge still tells real text apart
-    assert trained_row["unigram_entropy"] > 0.9 * real["unigram_entropy"]  # not a collapsed, repetitive sampler
+    top_k, init = runs["top-k 20"]["samples"][0], untrained["top-k 20"]
+    assert top_k["gen_ppl"] < init["gen_ppl"]  # the issue's metric, same sampler on both sides
+    # The issue's check, per reference token. (Per byte, shuffled real words still win: 2.82 against 4.12 bits
+    # measured. Part of this win is that the judge cuts the samples' misspellings into many short tokens.)
+    assert top_k["gen_ppl"] < shuffled["gen_ppl"]
+    assert real["gen_ppl"] < top_k["gen_ppl"]  # the judge still tells real text apart
+    assert top_k["unigram_entropy"] > 0.9 * real["unigram_entropy"]  # not a collapsed, repetitive sampler

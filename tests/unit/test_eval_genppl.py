@@ -50,6 +50,7 @@ def test_matches_a_direct_forward(llama_dir):
     res = generative_perplexity(["the cat sat on a mat"], ref)
     assert res.tokens == 6 and res.per_text[0][0] == pytest.approx(expected, rel=1e-6)
     assert res.perplexity == pytest.approx(math.exp(expected / 6), rel=1e-6)
+    assert res.bits_per_byte == pytest.approx(expected / math.log(2) / len("the cat sat on a mat"), rel=1e-6)
 
 
 def test_batching_and_padding_do_not_change_the_score(llama_dir):

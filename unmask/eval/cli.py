@@ -123,9 +123,9 @@ def text_baselines(loaded, shards: str, reference, args) -> dict:
     special = {sp.pad, sp.bos, sp.eos, sp.mask}
     ids = [[t for t in row.tolist() if t not in special][:args.length] for row in batch]
     texts = [loaded.codec.decode(row) for row in ids]
-    real = {"gen_ppl": generative_perplexity(texts, reference).perplexity, **diversity(ids)}
-    return {"real_text": real, "shuffled_words": {"gen_ppl": generative_perplexity(shuffled_words(
-        texts, seed=args.seed), reference).perplexity}}
+    real, shuffled = (generative_perplexity(t, reference) for t in (texts, shuffled_words(texts, seed=args.seed)))
+    return {"real_text": {"gen_ppl": real.perplexity, "gen_bits_per_byte": real.bits_per_byte, **diversity(ids)},
+            "shuffled_words": {"gen_ppl": shuffled.perplexity, "gen_bits_per_byte": shuffled.bits_per_byte}}
 
 
 def read_seq_len(split_dir: str) -> int:
@@ -171,5 +171,6 @@ def samples_at(loaded, steps: int, reference, args) -> dict:
     row = {"steps": steps, "nfe": result.nfe, "tokens_per_s": round(result.tokens_per_second, 2),
            "seconds": round(result.seconds, 3), **diversity(ids), "example": texts[0][:200]}
     if reference is not None:
-        row["gen_ppl"] = generative_perplexity(texts, reference).perplexity
+        scored = generative_perplexity(texts, reference)
+        row["gen_ppl"], row["gen_bits_per_byte"] = scored.perplexity, scored.bits_per_byte
     return row

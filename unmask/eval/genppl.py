@@ -122,10 +122,14 @@ class GenPPLResult:
     tokens: int  # reference tokens scored
     reference: str
     per_text: list[tuple[float, int]] = field(default_factory=list)  # (summed NLL, tokens) of each text
+    # Summed NLL in bits per UTF-8 byte of the texts: unlike per-token perplexity, it cannot be lowered by text
+    # that the reference cuts into many short tokens (gibberish often is; those tokens are each easier to guess).
+    bits_per_byte: float = math.nan
 
     def to_dict(self) -> dict:
         return {"reference": self.reference, "nats_per_token": self.nats_per_token,
-                "perplexity": self.perplexity, "tokens": self.tokens, "texts": len(self.per_text)}
+                "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte, "tokens": self.tokens,
+                "texts": len(self.per_text)}
 
 
 def windows(ids: list[int], max_length: int) -> list[list[int]]:
@@ -164,4 +168,6 @@ def generative_perplexity(texts: Sequence[str], reference, batch_size: int = 8) 
     if total == 0:
         raise EvalError("generative perplexity: the texts have no tokens to score (all empty?)")
     mean = sum(nll) / total
-    return GenPPLResult(mean, math.exp(mean), total, reference.name, list(zip(nll, count, strict=True)))
+    text_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    return GenPPLResult(mean, math.exp(mean), total, reference.name, list(zip(nll, count, strict=True)),
+                        sum(nll) / math.log(2) / text_bytes)
