@@ -90,13 +90,11 @@ def track(loaded, results: dict, out: Path) -> None:
 
 
 def likelihood(loaded, shards: str, args) -> dict:
-    from unmask.data.loader import ShardLoader
     from unmask.diffusion.objective import build_objective
     from unmask.eval.likelihood import evaluate_likelihood
 
     cfg = loaded.config
-    loader = ShardLoader(shards, args.batch_size, seq_len=read_seq_len(shards), loop=False, shuffle=False,
-                         model_vocab_size=loaded.model_cfg.vocab_size)
+    loader = held_out(loaded, shards, args.batch_size)
     diffusion = cfg.diffusion if cfg else None
     if diffusion is None:
         from unmask.config import DiffusionConfig
@@ -112,13 +110,10 @@ def text_baselines(loaded, shards: str, reference, args) -> dict:
     """The scale sample scores are read on: held-out text itself (the floor a model approaches) and the same text
     with its words shuffled (right words, no order: a model that beats it has learned word order), at the
     samples' number and length."""
-    from unmask.data.loader import ShardLoader
     from unmask.eval.diversity import diversity
     from unmask.eval.genppl import generative_perplexity, shuffled_words
 
-    loader = ShardLoader(shards, args.num_samples, seq_len=read_seq_len(shards), loop=False, shuffle=False,
-                         model_vocab_size=loaded.model_cfg.vocab_size)
-    batch = next(iter(loader))
+    batch = next(iter(held_out(loaded, shards, args.num_samples)))
     sp = loaded.special
     special = {sp.pad, sp.bos, sp.eos, sp.mask}
     ids = [[t for t in row.tolist() if t not in special][:args.length] for row in batch]
@@ -126,6 +121,14 @@ def text_baselines(loaded, shards: str, reference, args) -> dict:
     real, shuffled = (generative_perplexity(t, reference) for t in (texts, shuffled_words(texts, seed=args.seed)))
     return {"real_text": {"gen_ppl": real.perplexity, "gen_bits_per_byte": real.bits_per_byte, **diversity(ids)},
             "shuffled_words": {"gen_ppl": shuffled.perplexity, "gen_bits_per_byte": shuffled.bits_per_byte}}
+
+
+def held_out(loaded, shards: str, batch_size: int):
+    """The split's samples in order, once: the same tokens for every model evaluated on it."""
+    from unmask.data.loader import ShardLoader
+
+    return ShardLoader(shards, batch_size, seq_len=read_seq_len(shards), loop=False, shuffle=False,
+                       model_vocab_size=loaded.model_cfg.vocab_size)
 
 
 def read_seq_len(split_dir: str) -> int:
