@@ -136,30 +136,40 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V]."""
-        L = tokens.shape[1]
+    # The pieces below are what the plain forward and the pipeline stages both run (no second copy of the math).
+    def embed(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [B, L] (, t [B]) -> (hidden [B, L, D], time condition [B, cond_dim] or None)."""
         cond = None
         if self.time_embedding is not None:
             if t is None:
                 raise ValueError("this model is time-conditioned: pass t ([batch] in [0, 1])")
             cond = F.silu(self.time_embedding(t))
-        h = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        return self.tok_embeddings(tokens), cond
+
+    def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for `length` positions, computed in fp32 on the fly (cheap next to the blocks, and no
+        buffer for a bf16 cast or a meta-device build to spoil)."""
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds max_seq_len {self.cfg.max_seq_len}")
+        return rotary_tables(self.cfg.head_dim, length, self.cfg.rope_theta, device=device)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and vocabulary projection: [B, L, D] -> logits [B, L, V]."""
+        return self.output(self.norm(h))
+
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V]."""
+        h, cond = self.embed(tokens, t)
+        cos, sin = self.rope(tokens.shape[1], h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, cond)
-        return self.output(self.norm(h))
+        return self.head(h)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter and buffer in place (after `to_empty` from the meta device)."""
         cfg = self.cfg
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
         # Residual-branch outputs get std / sqrt(2 * n_layers) (GPT-2/Megatron scaled init).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unmask.config import Config
+from unmask.model.transformer import rotary_tables
 from unmask.parallel.dims import ParallelDims
 from unmask.parallel.engine import (
     DeepSpeedCheckpointing,
@@ -37,17 +38,14 @@ class _EmbedLayer(nn.Module):
 
 
 class _BlockLayer(nn.Module):
-    """A block plus its own (non-persistent) view of the rotary tables, so any stage can run it."""
+    """A block with the rotary tables of its input's length, so any stage can run it."""
 
-    def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float):
         super().__init__()
-        self.block = block
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.block, self.head_dim, self.rope_theta = block, head_dim, rope_theta
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        L = h.shape[1]
-        return self.block(h, self.rope_cos[:L], self.rope_sin[:L])
+        return self.block(h, *rotary_tables(self.head_dim, h.shape[1], self.rope_theta, device=h.device))
 
 
 class _HeadLayer(nn.Module):
@@ -66,7 +64,7 @@ def build_pipeline_module(model: nn.Module, objective, dims: ParallelDims):
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     layers = [_EmbedLayer(model.tok_embeddings)]
-    layers += [_BlockLayer(b, model.rope_cos, model.rope_sin) for b in model.layers]
+    layers += [_BlockLayer(b, model.cfg.head_dim, model.cfg.rope_theta) for b in model.layers]
     layers.append(_HeadLayer(model.norm, model.output))
     topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
 
