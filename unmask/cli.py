@@ -21,6 +21,25 @@ COMMANDS = {
 }
 
 
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every config-driven command (train, distill) takes; overrides follow as --section.key=value."""
+    p.add_argument("config", nargs="?", help="TOML config (see configs/); overrides follow as --section.key=value")
+    p.add_argument("--resume", metavar="auto|never|PATH",
+                   help="resume from the newest valid checkpoint in the run dir (auto, the default), start fresh "
+                        "(never), or resume from a checkpoint folder (same as --checkpoint.resume=...)")
+
+
+def load_command_config(args: argparse.Namespace):
+    """The validated config of a config-driven command, with rank variables exported for plain `srun`."""
+    from unmask.config import load_config
+    from unmask.launcher.env import export_torch_env
+
+    overrides = list(args.overrides) + ([f"--checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    export_torch_env()  # under plain srun: RANK/WORLD_SIZE/MASTER_* from SLURM_* (no-op under torchrun)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="unmask", description="Masked-diffusion language model pretraining.")

@@ -1,4 +1,5 @@
-"""Crashes and preemption through the real CLI: kill -9 at random moments (one inside a save), SIGTERM."""
+"""Crashes and preemption through the real CLI, at named fault points (unmask.faults) rather than timed races:
+kill -9 after random steps and inside a save, and a real SIGTERM delivered while the run waits at a step's end."""
 
 from __future__ import annotations
 
@@ -7,39 +8,36 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.support.runs import metrics, tiny_cli_args
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 
-STEPS = 40
+pytestmark = pytest.mark.slow
+
+STEPS = 16
 ARGS = (f"--train.steps={STEPS}", "--train.log_every=1", "--train.val_every=0", "--train.micro_batch_size=4",
         "--checkpoint.interval_steps=1", "--checkpoint.keep_last=2", "--train.threads=1")
 
 
-def start(shards: Path, run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def start(shards: Path, run_dir: Path, faults: str = "") -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "UNMASK_FAULTS": faults}
     return subprocess.Popen([sys.executable, "-m", "unmask", "train", *tiny_cli_args(shards, run_dir, *ARGS)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.001) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    raise TimeoutError("the training process made no progress")
+def run(shards: Path, run_dir: Path, faults: str = "") -> subprocess.CompletedProcess:
+    proc = start(shards, run_dir, faults)
+    out, _ = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
 def trained(run_dir: Path) -> int:
-    """Training rows logged so far (a resumed run appends)."""
-    return len([r for r in metrics(run_dir) if "loss" in r])
+    """The last training step logged so far (a resumed run appends)."""
+    return max((r["step"] for r in metrics(run_dir) if "loss" in r), default=0)
 
 
 def final_model(run_dir: Path) -> dict:
@@ -47,49 +45,33 @@ def final_model(run_dir: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
-def finish(shards: Path, run_dir: Path) -> None:
-    proc = start(shards, run_dir)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-
-
-def test_kill_9_at_random_moments_loses_nothing(tiny_shards, tmp_path):
-    finish(tiny_shards, tmp_path / "whole")
+def test_kill_9_after_random_steps_and_inside_a_save_loses_nothing(tiny_shards, tmp_path):
+    assert run(tiny_shards, tmp_path / "whole").returncode == 0
     run_dir, rng = tmp_path / "killed", random.Random(1234)
     root = run_dir / "checkpoints"
-    killed_in_save = 0
-    for moment in ("random", "in-save", "random"):
-        proc = start(tiny_shards, run_dir)
-        done = trained(run_dir)
-        # A random moment: a random number of steps into this start, plus a random fraction of a step.
-        target = done + (rng.randint(1, 6) if moment == "random" else 1)
-        assert wait_for(lambda target=target: trained(run_dir) >= target, proc), "the run ended before the kill"
-        if moment == "in-save":
-            for _ in range(20):  # a save happens every step; catch one while its .tmp- folder exists
-                if wait_for(lambda: any(root.glob(".tmp-step-*")), proc):
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    if any(root.glob(".tmp-step-*")):
-                        killed_in_save += 1
-                        break
-                proc = start(tiny_shards, run_dir)
-        else:
-            time.sleep(rng.uniform(0.0, 0.05))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert killed_in_save == 1
-    finish(tiny_shards, run_dir)
+    for point in ("step.end", "save.written", "step.end"):
+        step = trained(run_dir) + rng.randint(1, 4)
+        killed = run(tiny_shards, run_dir, f"{point}@{step}=kill")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout
+        assert trained(run_dir) == step
+        if point == "save.written":  # every file of the save is written, the folder is not yet renamed
+            assert (root / f".tmp-step-{step:08d}" / "manifest.json").is_file()
+            assert (root / "latest").read_text().strip() == f"step-{step - 1:08d}"
+    finished = run(tiny_shards, run_dir)
+    assert finished.returncode == 0, finished.stdout
     whole, resumed = final_model(tmp_path / "whole"), final_model(run_dir)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not list(root.glob(".tmp-*"))
 
 
 def test_sigterm_saves_and_exits_with_the_requeue_code(tiny_shards, tmp_path):
-    proc = start(tiny_shards, tmp_path)
-    assert wait_for(lambda: len(metrics(tmp_path)) >= 3, proc, poll=0.01)
+    proc = start(tiny_shards, tmp_path, "step.end@3=pause")
+    for line in proc.stdout:  # the run is now waiting at the end of step 3, before its preemption check
+        if "paused at step.end@3" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, out
     assert "preempted; checkpoint saved" in out
-    last = max(r["step"] for r in metrics(tmp_path) if "loss" in r)
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step-{last:08d}"
+    assert trained(tmp_path) == 3
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000003"

@@ -4,13 +4,16 @@ a round boundary hands the student's weights to the teacher, and the evaluation 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.support.runs import metrics, tiny_config, train_losses
-from unmask.distill.loop import distill
+from unmask.distill.objective import SDTT
+from unmask.distill.stage import distill, prepare_config
+from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.train.loop import train
 
 FAST = ("--train.threads=1", "--train.micro_batch_size=4", "--train.val_every=0", "--train.log_every=1",
@@ -35,7 +38,7 @@ def checkpoint(run: Path, step: int) -> tuple[dict, dict, dict]:
     meta = json.loads((path / "meta.json").read_text())
     student = torch.load(path / "engine" / "engine.pt", weights_only=True)["model"]
     client = torch.load(path / "client" / "rank-00000.pt", weights_only=True)
-    return meta, student, client["teacher"]
+    return meta, student, client["stage"]["teacher"]
 
 
 def same(a: dict, b: dict) -> bool:
@@ -53,10 +56,25 @@ def test_distillation_loss_falls(tiny_shards, teacher, tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def test_resume_mid_round_is_exact(tiny_shards, teacher, tmp_path):
+@pytest.fixture
+def own_signal_handlers():
+    """A preempted run leaves SIGTERM/SIGINT ignored (so a duplicate signal cannot kill its exit): undo that here."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_sigterm_mid_round_saves_exits_3_and_resumes_exactly(tiny_shards, teacher, tmp_path, monkeypatch,
+                                                               own_signal_handlers):
     args = ("--distill.start_steps=8", "--distill.final_steps=2", "--distill.steps_per_round=4")
     distill(student_config(tiny_shards, tmp_path / "full", *args), teacher=str(teacher))
-    distill(student_config(tiny_shards, tmp_path / "split", *args), teacher=str(teacher), stop_at=6)  # round 1
+    monkeypatch.setenv("UNMASK_FAULTS", "step.end@6=term")  # SIGTERM at the end of step 6, in round 1
+    with pytest.raises(SystemExit) as preempted:
+        distill(student_config(tiny_shards, tmp_path / "split", *args), teacher=str(teacher))
+    assert preempted.value.code == REQUEUE_EXIT_CODE
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    monkeypatch.delenv("UNMASK_FAULTS")
     distill(student_config(tiny_shards, tmp_path / "split", *args), teacher=str(teacher))
     full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert list(full) == list(range(1, 9))
@@ -65,6 +83,30 @@ def test_resume_mid_round_is_exact(tiny_shards, teacher, tmp_path):
     meta_split, student_split, teacher_split = checkpoint(tmp_path / "split", 8)
     assert same(student_full, student_split) and same(teacher_full, teacher_split)
     assert (meta_split["round"], meta_split["teacher_steps"]) == (1, 4)
+
+
+def test_non_finite_steps_roll_back_teacher_and_round_too(tiny_shards, teacher, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = SDTT.loss
+
+    def loss(self, model, x0, key, prompt_mask=None):  # 0-based steps 2 and 3 fail the first time only
+        out = original(self, model, x0, key, prompt_mask)
+        if key.step in (2, 3) and calls["n"] < 2:
+            calls["n"] += 1
+            out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(SDTT, "loss", loss)
+    cfg = student_config(tiny_shards, tmp_path, "--distill.start_steps=8", "--distill.final_steps=2",
+                         "--distill.steps_per_round=3", "--checkpoint.interval_steps=2",
+                         "--checkpoint.max_bad_steps=2", "--checkpoint.rollback_lr_scale=0.5")
+    distill(cfg, teacher=str(teacher))
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    # Step 3 is skipped and ends round 0; step 4 is the second bad step in a row: back to the step-2 checkpoint,
+    # whose round (0) and teacher come back with it, so step 3 runs again with the round-0 teacher.
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6]
+    assert [r["teacher_steps"] for r in rows] == [8, 8, 8, 8, 4, 4, 4]
+    assert rows[-1]["skipped_steps"] == 2 and rows[-1]["lr"] == pytest.approx(0.5 * rows[0]["lr"])
 
 
 def test_round_boundary_replaces_the_teacher(tiny_shards, teacher, tmp_path):
@@ -94,7 +136,6 @@ def test_evaluation_table(tiny_shards, teacher, tmp_path):
                          "--distill.steps_per_round=1", f"--distill.teacher={teacher}", "--distill.eval_samples=2",
                          "--distill.eval_length=32", "--distill.eval_teacher_steps=[16, 4]",
                          "--distill.eval_student_steps=[4]")
-    from unmask.distill.loop import prepare_config
     from unmask.model.transformer import build_model
 
     cfg, state = prepare_config(cfg, None)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unmask import faults
 from unmask.config import CheckpointConfig, Config
 from unmask.errors import CheckpointError
 from unmask.train import collective
@@ -143,6 +144,7 @@ class Checkpointer:
             entries = {k: v for part in parts for k, v in part.items()}
             entries["meta.json"] = {"size": (tmp / "meta.json").stat().st_size, "sha256": sha256(tmp / "meta.json")}
             write_atomic(tmp / "manifest.json", json.dumps({"step": step, "files": entries}, indent=1))
+            faults.hit("save.written", step)  # tests: a kill here leaves a whole-looking .tmp- folder
             if final.exists():  # the same step saved again (after a rollback): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)

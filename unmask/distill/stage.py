@@ -1,0 +1,101 @@
+"""Distillation as a stage of the one step loop: a student initialised from the frozen teacher learns to sample in
+fewer steps (`unmask distill CONFIG --teacher CKPT`).
+
+Training runs `distill.rounds` rounds of `distill.steps_per_round` optimizer steps. At each round boundary the
+student's weights are copied into the teacher and the teacher's sampling steps halve. The round, the teacher's
+steps and the teacher's weights are saved with every checkpoint, so a resume (or a rollback) mid-round is exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from unmask.config import Config
+from unmask.distill.objective import build_distill_objective, frozen_copy
+from unmask.errors import ConfigError
+
+
+def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
+    """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
+    weights. Refuses layouts whose student weights are not whole on each rank (the teacher copy needs them)."""
+    from unmask.train.consolidate import load_checkpoint_weights
+
+    path = teacher or cfg.distill.teacher
+    if not path:
+        raise ConfigError("distill: no teacher: pass --teacher CHECKPOINT or set distill.teacher")
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1 or cfg.parallel.zero_stage == 3:
+        raise ConfigError(f"distill: parallel.tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, "
+                          f"zero_stage={cfg.parallel.zero_stage}: distillation needs whole weights on each rank "
+                          "(use data parallelism with zero_stage <= 2)")
+    teacher_cfg, state = load_checkpoint_weights(path)
+    if teacher_cfg.diffusion.objective != "mdlm":
+        raise ConfigError(f"distill: teacher {path} is a {teacher_cfg.diffusion.objective!r} model; it must be a "
+                          "masked-diffusion (mdlm) checkpoint")
+    cfg = cfg.model_copy(deep=True)
+    cfg.model = teacher_cfg.model
+    cfg.diffusion = teacher_cfg.diffusion
+    cfg.distill.teacher = str(path)
+    cfg.train.steps = cfg.distill.rounds * cfg.distill.steps_per_round
+    return cfg, state
+
+
+class Distill:
+    """The stage: the student starts as the teacher; the objective holds the frozen teacher."""
+
+    name = "distill"
+
+    def __init__(self, teacher: str | None = None):
+        self.teacher_path = teacher
+        self.objective = None
+        self.round = 0
+
+    def prepare(self, cfg: Config, init_state: dict | None) -> tuple[Config, dict]:
+        self.cfg, state = prepare_config(cfg, self.teacher_path)
+        return self.cfg, state  # the student starts as the teacher
+
+    def wrap_objective(self, objective, model: nn.Module):
+        self.objective = build_distill_objective(self.cfg.distill, objective,
+                                                 frozen_copy(model, self.cfg.distill.teacher_dtype))
+        self.objective.set_round(self.round)
+        return self.objective
+
+    def describe(self) -> str:
+        d = self.cfg.distill
+        return (f"{d.objective} from {d.teacher}, {d.rounds} rounds {d.start_steps} -> {d.final_steps} steps, "
+                f"round {self.round}")
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "teacher": self.objective.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = state["round"]
+        self.objective.replace_teacher(state["teacher"])
+        self.objective.set_round(self.round)
+
+    def log_fields(self) -> dict:
+        return {"round": self.round, "teacher_steps": self.objective.steps}
+
+    def after_step(self, step: int, engine, say) -> None:
+        """At a round boundary (not after the last round) the student so far becomes the teacher and the
+        teacher's sampling steps halve."""
+        if step % self.cfg.distill.steps_per_round or step >= self.cfg.train.steps:
+            return
+        self.objective.replace_teacher({k: v.detach().clone() for k, v in engine.model.state_dict().items()})
+        self.round += 1
+        self.objective.set_round(self.round)
+        say(f"round {self.round}: teacher replaced by the student, {self.objective.steps} steps")
+
+    def finish(self, cfg: Config, engine, run_dir: Path, is_main: bool, say) -> None:
+        if cfg.distill.eval and is_main:
+            from unmask.distill.evaluate import evaluate_run
+
+            evaluate_run(cfg, engine.model, run_dir, say)
+
+
+def distill(cfg: Config, teacher: str | None = None) -> dict:
+    """Distil the teacher checkpoint into a student initialised from it; returns the last validation row."""
+    from unmask.train.loop import train
+
+    return train(cfg, stage=Distill(teacher))
