@@ -19,6 +19,17 @@ TINY_WORKS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_
               "rape_of_lucrece", "comedy_of_errors", "tempest")
 
 
+def pytest_collection_modifyitems(items):
+    """Tiers by folder, so no new test can forget its marker: tests/e2e/ is slow, tests/distributed/ is
+    distributed, and every distributed test is slow; `make test-fast` runs the rest plus the smoke test."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "distributed" in parts:
+            item.add_marker(pytest.mark.distributed)
+        if "e2e" in parts or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shakespeare_dir() -> Path:
     """Directory of cleaned Shakespeare works, one UTF-8 .txt per work."""

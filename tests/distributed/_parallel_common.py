@@ -83,7 +83,7 @@ def write_result(result: dict) -> None:
             json.dump(result, f)
 
 
-def launch(script: str, nproc: int, out_dir, *args: str, timeout: int = 400) -> dict:
+def launch(script: str, nproc: int, out_dir, *args: str, timeout: int = 900) -> dict:  # timeout: a hang guard
     """Run `torchrun --standalone --nproc_per_node=nproc script OUT args...` (gloo, one thread per process)
     and return the JSON that rank 0 wrote."""
     import subprocess

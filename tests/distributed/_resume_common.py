@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.support.runs import REPO, tiny_cli_args
+from tests.support.runs import HANG_GUARD_S, REPO, tiny_cli_args
 from unmask.train.reshard import to_universal
 
 # Pinned here rather than taken from configs/tiny.toml, so the tests do not move when the preset does. A constant
@@ -29,7 +29,7 @@ def env() -> dict:
     return out
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> str:
+def torchrun(nproc: int, *args: str, timeout: int = HANG_GUARD_S) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from tests.support.runs import HANG_GUARD_S
 from unmask.data.loader import ShardLoader, read_manifest
 
 pytestmark = pytest.mark.distributed
@@ -67,7 +68,7 @@ def test_each_sample_once_across_ranks_and_workers(tiny_shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            str(script), str(split), str(steps), str(cut), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = json.loads(out.read_text())
 

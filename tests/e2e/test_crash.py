@@ -10,13 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from tests.support.runs import metrics, tiny_cli_args
+from tests.support.runs import HANG_GUARD_S, metrics, tiny_cli_args
 from unmask.launcher.env import REQUEUE_EXIT_CODE
-
-pytestmark = pytest.mark.slow
 
 STEPS = 16
 ARGS = (f"--train.steps={STEPS}", "--train.log_every=1", "--train.val_every=0", "--train.micro_batch_size=4",
@@ -70,7 +67,7 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tiny_shards, tmp_path):
         if "paused at step.end@3" in line:
             break
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == REQUEUE_EXIT_CODE, out
     assert "preempted; checkpoint saved" in out
     assert trained(tmp_path) == 3

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.runs import tiny_cli_args
+from tests.support.runs import HANG_GUARD_S, tiny_cli_args
 from unmask.model.hf.export import export
 from unmask.train.consolidate import load_checkpoint_weights
 
@@ -29,7 +29,7 @@ def torchrun(shards, run_dir, *extra):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unmask",
            "train", *tiny_cli_args(shards, run_dir, *COMMON, "--parallel.engine=deepspeed", *extra)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -31,7 +31,8 @@ def slurm_env() -> dict:
         pytest.skip(f"no SLURM: {proc.stderr.strip()}")
     assert proc.returncode == 0, f"{SETUP} failed:\n{proc.stdout}\n{proc.stderr}"
     conf = re.search(r"SLURM_CONF=(\S+)\)", proc.stdout).group(1)
-    return {**os.environ, "SLURM_CONF": conf, "PYTHONPATH": str(REPO)}
+    yield {**os.environ, "SLURM_CONF": conf, "PYTHONPATH": str(REPO)}
+    subprocess.run(["bash", str(SETUP), "stop"], timeout=120)  # no daemon outlives the tests
 
 
 def tiny_overrides(shards: Path, run_dir: Path) -> list[str]:
@@ -111,21 +112,24 @@ def test_time_limit_signal_saves_and_requeues(slurm_env, tmp_path):
 
 
 def test_preempted_training_saves_requeues_and_resumes(slurm_env, tiny_shards, tmp_path):
-    """SIGUSR1 to the running job (the same delivery as the time-limit warning): training saves and exits with
+    """SIGUSR1 to the running job (the same delivery as the time-limit warning) while both ranks wait at the end
+    of step 20 (a named fault point, so the signal never races the run): training saves and exits with
     REQUEUE_EXIT_CODE, the job is requeued, and the second attempt resumes and trains to the end."""
-    steps, run_dir, script, log = 300, tmp_path / "run", tmp_path / "job.sbatch", tmp_path / "job.out"
+    steps, run_dir, script, log = 40, tmp_path / "run", tmp_path / "job.sbatch", tmp_path / "job.out"
     overrides = [o for o in tiny_overrides(tiny_shards, run_dir) if not o.startswith(("--train.steps=",
                                                                                       "--train.log_every="))]
     subprocess.run([sys.executable, "-m", "unmask", "launch", str(REPO / "configs" / "tiny.toml"), "--slurm",
                     "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--time", "30:00", "--job-name",
                     "unmask-preempt", "--log", str(log), "--out", str(script), f"--train.steps={steps}",
                     "--train.log_every=10", *overrides], cwd=REPO, env=slurm_env, check=True)
-    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=slurm_env,
+    pause = {**slurm_env, "UNMASK_FAULTS": "step.end@20=pause"}
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=pause,
                          check=True).stdout.strip().split(";")[0]
     deadline, state, signalled = time.monotonic() + 900, "", False  # a hang guard, not a speed check
     while time.monotonic() < deadline:
         state = job_field(job, "JobState", slurm_env)
-        if not signalled and (last_train_row(run_dir).get("step") or 0) >= 20:  # training loop is running
+        paused = log.read_text().count("paused at step.end@20") if log.exists() else 0
+        if not signalled and paused == 2:  # both ranks wait at the end of step 20
             subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)
             signalled = True
         if state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"):
@@ -139,4 +143,4 @@ def test_preempted_training_saves_requeues_and_resumes(slurm_env, tiny_shards, t
     assert last_train_row(run_dir) == {"step": steps, "tokens": steps * 4 * 2 * 128}, report
     second = output.partition("requeueing")[2]
     resumed_at = [int(n) for n in re.findall(r"^step (\d+)/", second, re.M)]  # the console's plain lines
-    assert second and resumed_at and resumed_at[0] > 20, f"second attempt did not resume:\n{report}"
+    assert second and resumed_at and resumed_at[0] == 30, f"second attempt did not resume:\n{report}"

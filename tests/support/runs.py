@@ -30,3 +30,8 @@ def metrics(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, later rows winning (a resumed run appends)."""
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+# Subprocess timeouts are hang guards, never speed checks: generous enough for 2 loaded cores (pytest-timeout,
+# configured in pyproject.toml, still ends a hung test with a stack dump well inside CI's time).
+HANG_GUARD_S = 900

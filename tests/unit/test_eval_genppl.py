@@ -77,6 +77,7 @@ def test_missing_folder_or_prefix_is_a_clear_error(tmp_path, llama_dir):
     assert HFCausalLM(llama_dir, prefix_token="<eos>").encode("cat")[0] == 2
 
 
+@pytest.mark.slow  # trains or starts a process: tens of seconds on 2 loaded cores
 def test_a_model_trained_on_a_text_prefers_it_to_its_shuffle(tmp_path):
     save_tiny_llama(tmp_path)
     ref = HFCausalLM(tmp_path)

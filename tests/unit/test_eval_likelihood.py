@@ -40,6 +40,7 @@ def test_uniform_ar_model_is_exactly_log_vocab_with_no_error():
     assert res.stderr == pytest.approx(0.0, abs=1e-9) and res.tokens == 6 * 8 * 31  # AR never scores token 1
 
 
+@pytest.mark.slow  # trains or starts a process: tens of seconds on 2 loaded cores
 def test_deterministic_for_a_seed_and_seed_dependent():
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="tiny", vocab_size=V))

@@ -1,5 +1,6 @@
 """Speed reports count what they claim (timings are reported, never asserted), and the plot is a PNG."""
 
+import pytest
 import torch
 
 from unmask.config import ModelConfig
@@ -13,6 +14,7 @@ from unmask.model.transformer import build_model
 SP = SpecialTokens()
 
 
+@pytest.mark.slow  # trains or starts a process: tens of seconds on 2 loaded cores
 def test_speed_counts_generated_tokens_and_nfe():
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="tiny"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+from tests.support.runs import HANG_GUARD_S
 from unmask.launcher.agent import is_requeue, with_slurm_rendezvous
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 
@@ -53,5 +54,5 @@ def test_agent_passes_requeue_exit_code_through(exit_code, agent_code, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-m", "unmask.launcher.agent", "--nnodes", "1", "--nproc_per_node", "2",
                            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", str(script)],
-                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
+                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == agent_code, proc.stderr[-3000:]

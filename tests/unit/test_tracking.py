@@ -48,6 +48,7 @@ def test_disabled_tracker_does_nothing(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # trains or starts a process: tens of seconds on 2 loaded cores
 def test_round_trip_and_resume(run_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,8 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
         status = "FINISHED"
     finally:
         preemption.restore()
-        report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [Path(cfg.data.train_dir).parent / "tokenizer.model"]})
+        tokenizer = Path(cfg.data.train_dir).parent / "tokenizer.model"
+        report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [tokenizer]})
     return last_val
 
 

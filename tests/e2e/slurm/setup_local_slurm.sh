@@ -5,10 +5,23 @@
 # Everything it writes lives under $UNMASK_SLURM_DIR (default /tmp/unmask-slurm); clients find the
 # cluster through SLURM_CONF=$UNMASK_SLURM_DIR/slurm.conf, so /etc/slurm is left alone.
 # Exit 77 means "cannot install SLURM here: apt-get unreachable" (the test skips on it, nothing else).
+# `setup_local_slurm.sh stop` stops slurmd and slurmctld, and munged if this script started it.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin  # slurmd, slurmctld, munged
 
 dir=${UNMASK_SLURM_DIR:-/tmp/unmask-slurm}
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+if [ "${1:-}" = stop ]; then
+  for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munged.pid"; do
+    if running "$pidfile"; then
+      pid=$(cat "$pidfile"); kill "$pid"
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    fi
+    rm -f "$pidfile"
+  done
+  echo "setup_local_slurm: stopped"
+  exit 0
+fi
 cpus=${UNMASK_SLURM_CPUS:-4}  # CPUs the node advertises; SlurmdParameters=config_overrides lets that exceed a small box
 host=$(hostname -s)
 conf=$dir/slurm.conf
@@ -33,13 +46,14 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 mkdir -p /run/munge /var/lib/munge /var/log/munge
 chown munge:munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+mkdir -p "$dir/ctld" "$dir/d" "$dir/log"
 if ! munge -n >/dev/null 2>&1; then
   if id munge >/dev/null 2>&1; then runuser -u munge -- munged; else munged --force; fi
   for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.2; done
   munge -n | unmunge >/dev/null || { echo "setup_local_slurm: munged did not start" >&2; exit 1; }
+  cp /run/munge/munged.pid "$dir/munged.pid" 2>/dev/null || pgrep -n munged > "$dir/munged.pid" || true  # ours to stop
 fi
 
-mkdir -p "$dir/ctld" "$dir/d" "$dir/log"
 cat > "$conf.new" <<CONF
 # Written by tests/e2e/slurm/setup_local_slurm.sh: one node, no accounting, no cgroups.
 ClusterName=unmask-test
@@ -69,7 +83,6 @@ NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=4096 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if running "$dir/slurmctld.pid" && running "$dir/slurmd.pid" && cmp -s "$conf" "$conf.new"; then
   rm "$conf.new"
 else
