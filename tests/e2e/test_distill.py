@@ -95,7 +95,7 @@ def test_evaluation_table(tiny_shards, teacher, tmp_path):
                          "--distill.eval_length=32", "--distill.eval_teacher_steps=[16, 4]",
                          "--distill.eval_student_steps=[4]")
     from unmask.distill.loop import prepare_config
-    from unmask.model.transformer import build_model
+    from unmask.model.build import build_model
 
     cfg, state = prepare_config(cfg, None)
     student = build_model(cfg.model)

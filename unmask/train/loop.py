@@ -22,8 +22,8 @@ from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
 from unmask.errors import CheckpointError
 from unmask.launcher.env import REQUEUE_EXIT_CODE
+from unmask.model.build import build_model
 from unmask.model.counting import param_count, train_flops_per_token
-from unmask.model.transformer import build_model
 from unmask.parallel.dims import ParallelDims, setup_parallel
 from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.engine import Engine, build_engine
