@@ -24,8 +24,8 @@ from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
+from unmask.model.build import build_model
 from unmask.model.counting import param_count
-from unmask.model.transformer import build_model
 from unmask.parallel.dims import setup_parallel
 from unmask.train.checkpoint import Checkpointer, rng_state
 from unmask.train.engine import build_engine

@@ -27,7 +27,7 @@ from unmask.config import ModelConfig
 from unmask.data.corpora import fetch_shakespeare
 from unmask.data.loader import ShardLoader
 from unmask.data.prepare import PrepareOptions, prepare_data
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 CACHE = Path(os.environ.get("UNMASK_CACHE_DIR", Path.home() / ".cache" / "unmask"))
 

@@ -65,7 +65,7 @@ def measure(size: str, zero: int, micro: int, seq_len: int) -> dict:
     from unmask.data.special import SpecialTokens
     from unmask.diffusion.noise import BatchKey
     from unmask.diffusion.objective import build_objective
-    from unmask.model.transformer import build_model
+    from unmask.model.build import build_model
     from unmask.parallel.dims import setup_parallel
     from unmask.train.engine import build_engine
 

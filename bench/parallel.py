@@ -41,7 +41,7 @@ def run(args, engine: str, zero: int, micro: int, steps: int, on_step=None) -> f
     from unmask.data.special import SpecialTokens
     from unmask.diffusion.noise import BatchKey
     from unmask.diffusion.objective import build_objective
-    from unmask.model.transformer import build_model
+    from unmask.model.build import build_model
     from unmask.parallel.dims import setup_parallel
     from unmask.train.engine import build_engine
 

@@ -33,8 +33,8 @@ from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
+from unmask.model.build import build_model
 from unmask.model.counting import param_count, train_flops_per_token
-from unmask.model.transformer import build_model
 from unmask.train.engine import LocalEngine, autocast
 
 MASK_ID = SpecialTokens().mask

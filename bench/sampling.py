@@ -19,7 +19,7 @@ from unmask.config import ModelConfig
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig
 from unmask.eval.speed import measure_speed
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 
 def main() -> None:

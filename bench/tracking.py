@@ -23,7 +23,7 @@ from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 from unmask.train.engine import LocalEngine
 from unmask.train.tracking import Tracker
 

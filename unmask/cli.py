@@ -13,9 +13,9 @@ COMMANDS = {
     "train": ("unmask.train.cli", "masked-diffusion (or autoregressive) pretraining"),
     "launch": ("unmask.launcher.cli", "print or run the torchrun command / render the sbatch script"),
     "distill": ("unmask.distill.cli", "distil a trained model into fewer sampling steps (SDTT rounds or DCD)"),
-    "sample": ("unmask.diffusion.sample_cli", "generate (continue, infill, unconditional) from a model"),
+    "sample": ("unmask.diffusion.cli", "generate (continue, infill, unconditional) from a model"),
     "eval": ("unmask.eval.cli", "held-out NELBO, generative perplexity, diversity and speed of a model"),
-    "export": ("unmask.model.hf.export", "export a checkpoint to a Hugging Face folder"),
+    "export": ("unmask.model.hf.cli", "export a checkpoint to a Hugging Face folder"),
     "plot": ("unmask.train.plot", "PNGs of a run's loss, validation and learning-rate curves"),
     "plan": ("unmask.plan.cli", "per-rank memory and speed of parallel layouts; a recommended one"),
 }

@@ -217,7 +217,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        from unmask.diffusion.schedule import SCHEDULES
+        from unmask.core.schedule import SCHEDULES
 
         if self.diffusion.schedule not in SCHEDULES:
             raise ValueError(f"diffusion.schedule={self.diffusion.schedule!r}; allowed: {sorted(SCHEDULES)}")

@@ -12,7 +12,7 @@ import torch
 from unmask.config import Config
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 MASK_ID, PAD_ID = 4, 0
 

@@ -13,7 +13,7 @@ from _parallel_common import MASK_ID, PAD_ID, make_cfg, rank_batches, write_resu
 from megatron.core import parallel_state
 
 from unmask.diffusion.objective import build_objective
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 from unmask.parallel.dims import setup_parallel
 from unmask.parallel.tensor import VocabParallelNLL, apply_tensor_parallel
 

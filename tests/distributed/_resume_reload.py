@@ -15,7 +15,7 @@ from _parallel_common import write_result
 
 from unmask.config import load_config
 from unmask.diffusion.objective import build_objective
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 from unmask.parallel.dims import setup_parallel
 from unmask.train import collective
 from unmask.train.checkpoint import Checkpointer, rng_state

@@ -136,7 +136,7 @@ def test_evaluation_table(tiny_shards, teacher, tmp_path):
                          "--distill.steps_per_round=1", f"--distill.teacher={teacher}", "--distill.eval_samples=2",
                          "--distill.eval_length=32", "--distill.eval_teacher_steps=[16, 4]",
                          "--distill.eval_student_steps=[4]")
-    from unmask.model.transformer import build_model
+    from unmask.model.build import build_model
 
     cfg, state = prepare_config(cfg, None)
     student = build_model(cfg.model)

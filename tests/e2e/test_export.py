@@ -4,15 +4,12 @@ export -> init_from -> one training step equals one step from the checkpoint's o
 import itertools
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from tests.support.fresh_hf import run_fresh
 from tests.support.runs import tiny_cli_args, tiny_config
 from unmask.cli import main
 from unmask.data.tokenizer import Tokenizer
@@ -20,7 +17,7 @@ from unmask.diffusion.objective import build_objective
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import prompt_template
 from unmask.errors import CheckpointError
-from unmask.model.hf.export import export
+from unmask.model.hf.export import CODE_FILES, CORE, export
 from unmask.model.hf.init import init_from, with_model
 from unmask.parallel.dims import ParallelDims
 from unmask.train.consolidate import build_plain_model, load_checkpoint_weights, load_model
@@ -35,31 +32,6 @@ TEXTS = ["Shall I compare thee to a summer's day?", "  Thou art more lovely\nand
 OPTIONS = [dict(kind="ancestral", steps=16, seed=3), dict(kind="remask", steps=12, block_length=8, seed=1),
            dict(kind="ancestral", steps=24, top_p=0.9, temperature=0.7, stop_at_eos=True, seed=7)]
 
-# Runs in a fresh interpreter where importing unmask fails: the folder must need only torch + transformers.
-FRESH = textwrap.dedent("""
-    import sys, torch
-    class NoUnmask:
-        def find_spec(self, name, path=None, target=None):
-            if name == "unmask" or name.startswith("unmask."):
-                raise ImportError("the exported folder imported unmask")
-    sys.meta_path.insert(0, NoUnmask())
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
-    folder, inputs, result = sys.argv[1:]
-    data = torch.load(inputs)
-    model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    with torch.no_grad():
-        out = {"logits": model(data["tokens"]).logits,
-               "samples": [model.diffusion_generate(template=data["template"], **o)["sequences"]
-                           for o in data["options"]],
-               "ids": [tok.encode(t) for t in data["texts"]],
-               "config": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__,
-               "base": type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__}
-    assert not any(m == "unmask" or m.startswith("unmask.") for m in sys.modules)
-    torch.save(out, result)
-""")
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export") / "run"
@@ -72,6 +44,7 @@ def test_export_loads_in_transformers_alone_with_equal_logits_samples_and_ids(tr
     assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 0
     assert {"model.safetensors", "config.json", "modeling_unmask.py", "configuration_unmask.py", "tokenizer.json",
             "README.md"} <= {p.name for p in out.iterdir()}
+    assert all((out / name).read_bytes() == (CORE / name).read_bytes() for name in CODE_FILES)  # unmask's own code
     auto_map = json.loads((out / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
     assert "validation NELBO" in (out / "README.md").read_text()
@@ -80,21 +53,15 @@ def test_export_loads_in_transformers_alone_with_equal_logits_samples_and_ids(tr
     tok = Tokenizer(tokenizer_path)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
     template, _ = prompt_template([tok.encode(TEXTS[0]), tok.encode("Rough winds")], 48, special)
-    inputs = {"tokens": tokens, "template": template, "options": OPTIONS, "texts": TEXTS}
-    torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "inputs.pt"),
-                           str(tmp_path / "result.pt")], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = torch.load(tmp_path / "result.pt")
+    got = run_fresh([{"folder": str(out), "tokens": tokens, "t": None, "templates": [template], "options": OPTIONS,
+                      "texts": TEXTS}], tmp_path)[0]
 
     assert (got["config"], got["base"]) == ("UnmaskConfig", "UnmaskModel")
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], model(tokens), atol=1e-5, rtol=0)
-    for options, hf_tokens in zip(OPTIONS, got["samples"], strict=True):
+    for options, (hf,) in zip(OPTIONS, got["samples"], strict=True):
         ours = sample(model, template, SamplerConfig(**options), special, schedule=cfg.diffusion.schedule)
-        assert torch.equal(hf_tokens, ours.tokens), options
+        assert torch.equal(hf["sequences"], ours.tokens) and torch.equal(hf["lengths"], ours.lengths), options
     assert got["ids"] == [tok.encode(t) for t in TEXTS]
 
 

@@ -9,7 +9,7 @@ from unmask.config import DiffusionConfig, DistillConfig, ModelConfig
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import MaskedDiffusion
 from unmask.distill.objective import DCD, SDTT, divergence, frozen_copy
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 MASK, PAD, V = 4, 0, 64
 

@@ -9,7 +9,7 @@ from unmask.config import ModelConfig
 from unmask.diffusion.autoregressive import Autoregressive
 from unmask.eval import EvalError
 from unmask.eval.genppl import HFCausalLM, UnmaskCausalLM, generative_perplexity, shuffled_words, windows
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 WORDS = "the cat sat on a mat while one dog ran in the park and birds sang over green hills".split()
 TEXT = " ".join(WORDS)

@@ -10,7 +10,7 @@ from unmask.diffusion.autoregressive import Autoregressive
 from unmask.diffusion.objective import MaskedDiffusion
 from unmask.eval import EvalError
 from unmask.eval.likelihood import evaluate_likelihood, ratio_with_stderr
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 V, MASK, PAD = 50, 4, 0
 

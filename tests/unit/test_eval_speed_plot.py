@@ -9,7 +9,7 @@ from unmask.diffusion.sampler import SamplerConfig
 from unmask.diffusion.sampler_template import prompt_template
 from unmask.eval.plot import plot_quality_vs_steps
 from unmask.eval.speed import measure_speed, speed_sweep
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 SP = SpecialTokens()
 

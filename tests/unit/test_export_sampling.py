@@ -1,14 +1,16 @@
-"""The exported sampler (sampling_unmask.py, plain torch) gives unmask's samples for the same seed."""
+"""An exported folder, loaded by transformers alone in a fresh interpreter (no unmask importable), gives unmask's
+logits and unmask's samples for the same seed: ancestral and remask, caching, blocks, top-k/top-p, guidance,
+stop_at_eos, both schedules and both architecture families."""
 
 import pytest
 import torch
 
+from tests.support.fresh_hf import run_fresh
 from tests.unit.test_export_hf import random_model
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template
-from unmask.model.hf import sampling_unmask
-from unmask.model.hf.export import hf_model
+from unmask.model.hf.export import hf_model, write_model
 
 SP = SpecialTokens()
 OPTIONS = [
@@ -21,6 +23,11 @@ OPTIONS = [
     dict(kind="remask", steps=10, guidance=1.5, temperature=0.0),
     dict(kind="ancestral", steps=20, stop_at_eos=True, seed=2),
 ]
+MODELS = {  # name -> (model variant, noise schedule)
+    "time-conditioned": ({"time_conditioning": True}, "loglinear"),
+    "gqa-tied-cosine": ({"n_kv_heads": 1, "tie_embeddings": True}, "cosine"),
+    "bert": ({"arch": "bert", "n_kv_heads": None, "tie_embeddings": True}, "loglinear"),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,38 +39,62 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def models():
-    cfg, model = random_model({"time_conditioning": True})
-    with torch.no_grad():  # make <eos> likely somewhere, so stop_at_eos has something to stop at
-        model.output.weight[SP.eos] *= 3
-    return cfg, model, hf_model(cfg, model.state_dict(), SP)
-
-
 def templates():
     prompts, _ = prompt_template([[10, 11, 12], [40, 41]], 32, SP)
     infill, _ = infill_template([[[10, 11, 12], 6, [20, 21], 9, [30, 31]], [[40], 12, [41]]], SP)
     return [prompts, infill]
 
 
-@pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
-@pytest.mark.parametrize("options", OPTIONS)
-def test_same_tokens_as_unmask_sampler(models, options, schedule):
-    cfg, model, hf = models
-    for template in templates():
-        ours = sample(model, template, SamplerConfig(**options), SP, schedule=schedule)
-        out = hf.diffusion_generate(template=template, **options) if schedule == "loglinear" else None
-        tokens, lengths, nfe, steps = sampling_unmask.sample(
-            lambda x, t=None: hf(x, t=t).logits, template, SP.to_dict(), schedule, cfg.model.max_seq_len,
-            True, **options)
-        assert torch.equal(tokens, ours.tokens) and torch.equal(lengths, ours.lengths)
-        assert (nfe, steps) == (ours.nfe, ours.steps)
-        if out is not None:
-            assert torch.equal(out["sequences"], ours.tokens) and out["nfe"] == ours.nfe
+def model_of(name):
+    variant, schedule = MODELS[name]
+    cfg, model = random_model(variant, schedule=schedule)
+    with torch.no_grad():  # make <eos> likely somewhere, so stop_at_eos has something to stop at
+        model.output.weight[SP.eos] *= 3
+    return cfg, model
 
 
-def test_generate_from_a_prompt_and_config_defaults(models):
-    cfg, model, hf = models
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """Every model exported, then loaded and sampled in one fresh interpreter: name -> (cfg, model, inputs, got)."""
+    work = tmp_path_factory.mktemp("fresh")
+    jobs, models = [], {}
+    for name in MODELS:
+        cfg, model = model_of(name)
+        (work / name).mkdir()
+        write_model(work / name, cfg, model.state_dict(), SP)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+        t = torch.rand(2) if cfg.model.time_conditioning else None
+        jobs.append({"folder": str(work / name), "tokens": tokens, "t": t, "templates": templates(),
+                     "options": OPTIONS})
+        models[name] = cfg, model, tokens, t
+    return {name: (*models[name], got) for name, got in zip(MODELS, run_fresh(jobs, work), strict=True)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fresh_interpreter_gives_unmask_logits_and_hidden_states(fresh, name):
+    cfg, model, tokens, t, got = fresh[name]
+    assert (got["config"], got["base"]) == ("UnmaskConfig", "UnmaskModel")
+    with torch.no_grad():
+        ours = model(tokens, t)
+        torch.testing.assert_close(got["logits"], ours, atol=1e-5, rtol=0)
+        # AutoModel's hidden states are those just before the vocabulary projection (bert: before its MLM head).
+        hidden = model.head(got["hidden"]) if cfg.model.arch == "bert" else got["hidden"]
+        torch.testing.assert_close(model.output(hidden), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fresh_interpreter_gives_unmask_samples(fresh, name):
+    cfg, model, _, _, got = fresh[name]
+    for options, rows in zip(OPTIONS, got["samples"], strict=True):
+        for template, out in zip(templates(), rows, strict=True):
+            ours = sample(model, template, SamplerConfig(**options), SP, schedule=cfg.diffusion.schedule)
+            assert torch.equal(out["sequences"], ours.tokens) and torch.equal(out["lengths"], ours.lengths), options
+            assert (out["nfe"], out["steps"]) == (ours.nfe, ours.steps), options
+
+
+def test_generate_from_a_prompt_and_config_defaults():
+    cfg, model = model_of("time-conditioned")
+    hf = hf_model(cfg, model.state_dict(), SP)
     hf.config.sampler = {"steps": 8, "kind": "remask"}
     prompt = torch.tensor([[SP.bos, 10, 11]])
     out = hf.diffusion_generate(prompt, max_length=24, seed=5)
@@ -72,3 +103,5 @@ def test_generate_from_a_prompt_and_config_defaults(models):
     assert torch.equal(out["sequences"], ours.tokens) and out["steps"] == 8
     with pytest.raises(ValueError, match="max_length"):
         hf.diffusion_generate(prompt)
+    with pytest.raises(ValueError, match="sampler: kind='beam' is not a sampler"):
+        hf.diffusion_generate(prompt, max_length=24, kind="beam")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from unmask.config import DiffusionConfig
+from unmask.core.schedule import SCHEDULES, get_schedule, sample_times
 from unmask.diffusion.autoregressive import Autoregressive
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import MaskedDiffusion, subs_log_probs
-from unmask.diffusion.schedule import SCHEDULES, get_schedule, sample_times
 
 V, MASK, PAD = 50, 4, 0
 

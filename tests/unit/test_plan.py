@@ -11,8 +11,8 @@ from unmask.cli import main
 from unmask.config import load_config
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
+from unmask.model.build import build_model
 from unmask.model.counting import param_count
-from unmask.model.transformer import build_model
 from unmask.plan.layouts import candidates
 from unmask.plan.memory import Layout, estimate, rank_params
 from unmask.train.metrics import GPUS

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from unmask.config import ModelConfig
+from unmask.core.sampling import block_ids
 from unmask.data.special import SpecialTokens
-from unmask.diffusion.sampler import SamplerConfig, block_ids, sample
+from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 SP = SpecialTokens()
 VARIANTS = [

@@ -8,7 +8,7 @@ from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig, SamplingError, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template, split_mask_spans
 from unmask.errors import UnmaskError
-from unmask.model.transformer import build_model
+from unmask.model.build import build_model
 
 SP = SpecialTokens()
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from unmask.core.sampling_steps import choose_tokens, filter_logits, guide
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig, sample
-from unmask.diffusion.sampler_steps import choose_tokens, filter_logits, guide
 from unmask.diffusion.sampler_template import prompt_template
 
 SP = SpecialTokens()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from unmask.config import DiffusionConfig
+from unmask.core.schedule import get_schedule
 from unmask.diffusion.noise import BatchKey, per_sample_uniforms, step_generator
-from unmask.diffusion.schedule import get_schedule
 
 
 @dataclass

@@ -1,26 +1,20 @@
-"""Sampling from a masked-diffusion model: one interface, `sample(model, template, cfg, special)`.
+"""Sampling from a masked-diffusion model, unmask side: `sample(model, template, cfg, special)`.
 
-The template [B, L] holds `<mask>` wherever tokens are to be generated and fixed tokens everywhere else,
-so prompt continuation (prompt then masks), infilling (masks anywhere) and unconditional generation (all
-masks) are the same call. Fixed tokens never change and a committed token is never changed again.
-
-Samplers (each its own step object in sampler_steps.py):
-- `ancestral`: MDLM ancestral sampling; a step that reveals nothing makes no network call (`cache`).
-- `remask`: LLaDA/MaskGIT confidence decoding, `low_confidence` or `random` remasking.
-Both decode block by block (`block_length`, semi-autoregressive, left to right) and both take
-classifier-free guidance, temperature / top-k / top-p with float64 Gumbel noise, and stop at `<eos>`.
+The samplers themselves (the block loop, the ancestral and remask steps) live in unmask.core.sampling, the
+torch-only file that exported models run too. Here: `SamplerConfig` (the options, failing as SamplingError),
+`SampleResult` (tokens with their statistics) and `sample`, which reads the model's settings and times the run.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
+from unmask.core.sampling import SamplerOptions, check_template, default_prompt_mask, generate
+from unmask.core.schedule import Schedule, get_schedule
 from unmask.data.special import SpecialTokens
-from unmask.diffusion.sampler_steps import Ancestral, Denoiser, Remask, StepContext
-from unmask.diffusion.schedule import Schedule, get_schedule
 from unmask.errors import UnmaskError
 
 
@@ -28,42 +22,15 @@ class SamplingError(UnmaskError, ValueError):
     """A sampler setting or template that cannot work: names the value and how to fix it."""
 
 
-SAMPLERS = ("ancestral", "remask")
-REMASKING = ("low_confidence", "random")
-
-
 @dataclass(frozen=True)
-class SamplerConfig:
-    kind: str = "ancestral"  # "ancestral" (MDLM) or "remask" (LLaDA/MaskGIT confidence decoding)
-    steps: int = 64  # sampling steps over the whole sequence, split evenly over the blocks
-    block_length: int | None = None  # semi-autoregressive blocks of this many positions; None: one block
-    remasking: str = "low_confidence"  # remask only: commit the most confident predictions, or random ones
-    temperature: float = 1.0  # 0: greedy (no noise)
-    top_k: int = 0  # keep the k most likely tokens; 0: all
-    top_p: float = 1.0  # nucleus: smallest set of tokens with this much probability; 1: all
-    guidance: float = 0.0  # classifier-free guidance weight w; 0: the conditional model alone
-    cache: bool = True  # skip the network on steps that change no token
-    stop_at_eos: bool = False  # cut each row at its first generated <eos> (variable-length output)
-    seed: int = 0
+class SamplerConfig(SamplerOptions):
+    """unmask.core.sampling.SamplerOptions (fields, defaults, checks) whose errors are SamplingErrors."""
 
     def __post_init__(self):
-        checks = [
-            (self.kind in SAMPLERS, f"kind={self.kind!r} is not a sampler; allowed: {list(SAMPLERS)}"),
-            (self.remasking in REMASKING, f"remasking={self.remasking!r}; allowed: {list(REMASKING)}"),
-            (self.steps >= 1, f"steps={self.steps}: need at least 1 sampling step"),
-            (self.block_length is None or self.block_length >= 1,
-             f"block_length={self.block_length}: need at least 1 position per block (or none)"),
-            (self.temperature >= 0, f"temperature={self.temperature}: must be >= 0 (0 is greedy)"),
-            (self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 keeps every token)"),
-            (0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]"),
-            (self.guidance >= 0, f"guidance={self.guidance}: must be >= 0 (0 is no guidance)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SamplingError(f"sampler: {message}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise SamplingError(str(e)) from None
 
 
 @dataclass
@@ -101,61 +68,6 @@ class SampleResult:
                 "generated_tokens": self.num_generated, "tokens_per_second": self.tokens_per_second}
 
 
-def _check_template(template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens, model,
-                    prompt_mask: torch.Tensor | None) -> None:
-    if template.dim() != 2 or template.dtype != torch.long:
-        raise SamplingError(f"template must be a [batch, length] int64 tensor, got {tuple(template.shape)} "
-                            f"{template.dtype}")
-    masks = template == special.mask
-    empty = (~masks.any(1)).nonzero()[:, 0].tolist()
-    if empty:
-        raise SamplingError(f"template row(s) {empty} have no <mask> (id {special.mask}) to fill: "
-                            "put <mask> where text should be generated")
-    max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
-    if max_len is not None and template.shape[1] > max_len:
-        raise SamplingError(f"template length {template.shape[1]} exceeds the model's max_seq_len {max_len}: "
-                            "shorten the prompt or the length to generate")
-    if prompt_mask is not None and prompt_mask.shape != template.shape:
-        raise SamplingError(f"prompt_mask shape {tuple(prompt_mask.shape)} != template {tuple(template.shape)}")
-    if cfg.guidance and prompt_mask is not None and not prompt_mask.any(1).all():
-        raise SamplingError("guidance needs a prompt in every row: a row has no prompt token to mask")
-
-
-def block_ids(generated: torch.Tensor, block_length: int | None) -> torch.Tensor:
-    """Block of each position [B, L]: blocks of `block_length` positions from each row's first mask; -1 fixed."""
-    if block_length is None:
-        return torch.where(generated, 0, -1)
-    L = generated.shape[1]
-    first = generated.long().argmax(1, keepdim=True)  # [B, 1] first mask of each row
-    pos = torch.arange(L, device=generated.device)[None]
-    return torch.where(generated, (pos - first) // block_length, -1)
-
-
-def split_steps(steps: int, blocks: int) -> list[int]:
-    """Steps per block, as even as possible (the first blocks take the remainder)."""
-    if steps < blocks:
-        raise SamplingError(f"steps={steps} is fewer than the {blocks} blocks to decode: "
-                            f"use at least {blocks} steps or a longer block_length")
-    return [steps // blocks + (j < steps % blocks) for j in range(blocks)]
-
-
-def _first_eos(x: torch.Tensor, generated: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Index of each row's first generated <eos> [B]; L when there is none."""
-    L = x.shape[1]
-    pos = torch.arange(L, device=x.device).expand_as(x)
-    return torch.where((x == eos_id) & generated, pos, L).min(1).values
-
-
-def _stop_finished_rows(x, generated, special: SpecialTokens) -> torch.Tensor:
-    """A row whose first generated <eos> has no mask before it is finished: its later masks could only make
-    text that is cut off, so they become <pad> and take no more steps."""
-    first = _first_eos(x, generated, special.eos)[:, None]  # [B, 1]
-    pos = torch.arange(x.shape[1], device=x.device)[None]
-    masked = x == special.mask
-    finished = ~(masked & (pos < first)).any(1, keepdim=True)  # [B, 1]
-    return x.masked_fill(finished & masked & (pos > first), special.pad)
-
-
 @torch.no_grad()
 def sample(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,
            schedule: Schedule | str = "loglinear", prompt_mask: torch.Tensor | None = None,
@@ -165,36 +77,17 @@ def sample(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTo
     prompt_mask [B, L] bool: the prompt positions masked for the unconditional pass of guidance (default:
     every fixed non-pad token). time_conditioned: pass t to the model (default: read from `model.cfg`)."""
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
-    _check_template(template, cfg, special, model, prompt_mask)
+    model_cfg = getattr(model, "cfg", None)
+    max_len = getattr(model_cfg, "max_seq_len", None)
     if time_conditioned is None:
-        time_conditioned = bool(getattr(getattr(model, "cfg", None), "time_conditioning", False))
-    generated = template == special.mask  # [B, L]
+        time_conditioned = bool(getattr(model_cfg, "time_conditioning", False))
     if prompt_mask is None:
-        prompt_mask = ~generated & (template != special.pad)
-        if cfg.guidance and not prompt_mask.any(1).all():
-            raise SamplingError("guidance needs a prompt in every row: a row has no fixed token to condition on")
-    blocks = block_ids(generated, cfg.block_length)  # [B, L]
-    per_block = split_steps(cfg.steps, int(blocks.max()) + 1)
-    generator = torch.Generator(device=template.device).manual_seed(cfg.seed)
-    denoiser = Denoiser(model, special.mask, time_conditioned, cfg.guidance, prompt_mask, cfg.cache)
-    ctx = StepContext(denoiser, schedule, special.mask, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-    stepper = Ancestral() if cfg.kind == "ancestral" else Remask(cfg.remasking)
-
-    start, x, steps_taken = time.perf_counter(), template.clone(), 0
-    for j, n in enumerate(per_block):
-        active = blocks == j  # [B, L]
-        block_masks = ((x == special.mask) & active).sum(1)  # [B], the masks this block starts with
-        for k in range(n):
-            if not ((x == special.mask) & active).any():
-                break  # every row finished this block (stopped at <eos>)
-            # Time runs from 1 to 0 inside each block; the last step reaches 0 and reveals every mask left.
-            x = stepper.step(ctx, x, active, 1 - k / n, 1 - (k + 1) / n, block_masks)
-            steps_taken += 1
-            if cfg.stop_at_eos:
-                x = _stop_finished_rows(x, generated, special)
-    lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
-    if cfg.stop_at_eos:
-        lengths = _first_eos(x, generated, special.eos)
-        pos = torch.arange(x.shape[1], device=x.device)[None]
-        x = x.masked_fill(generated & (pos > lengths[:, None]), special.pad)  # text after <eos> is dropped
-    return SampleResult(x, lengths, generated, denoiser.nfe, steps_taken, time.perf_counter() - start)
+        prompt_mask = default_prompt_mask(template, special.mask, special.pad)
+    try:  # generate checks too; checked here first so a bad template is a SamplingError
+        check_template(template, cfg, special.mask, max_len, prompt_mask)
+    except ValueError as e:
+        raise SamplingError(str(e)) from None
+    start = time.perf_counter()
+    tokens, lengths, nfe, steps = generate(model, template, cfg, special.mask, special.eos, special.pad, schedule,
+                                           time_conditioned, prompt_mask, max_len)
+    return SampleResult(tokens, lengths, template == special.mask, nfe, steps, time.perf_counter() - start)

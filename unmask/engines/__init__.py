@@ -13,7 +13,7 @@ class Components:
 
 def build_components(cfg, dims, device, special, init_state=None, wrap_objective=None):
     from unmask.diffusion.objective import build_objective
-    from unmask.model.transformer import build_model
+    from unmask.model.build import build_model
 
     model = build_model(cfg.model, causal=cfg.diffusion.objective == "ar", device=device)
     if init_state is not None:

@@ -119,7 +119,7 @@ def prepare_model(cfg: Config, model: nn.Module, objective, dims: ParallelDims) 
     if cfg.parallel.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-        from unmask.model.transformer import Block
+        from unmask.core.transformer import Block
 
         # Non-reentrant torch checkpointing; its wrapper strips its prefix from state-dict keys.
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unmask.config import Config
-from unmask.model.transformer import rotary_tables
+from unmask.core.transformer import rotary_tables
 from unmask.parallel.dims import ParallelDims
 from unmask.parallel.engine import (
     DeepSpeedCheckpointing,

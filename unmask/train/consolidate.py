@@ -35,10 +35,10 @@ _MP_FILE = re.compile(r"mp_rank_(\d+)")
 def build_plain_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu") -> nn.Module:
     """The rank-free model of either architecture family (meta-device build, then init)."""
     if cfg.arch == "bert":
-        from unmask.model.hf.bert_blocks import build_bert
+        from unmask.model.build import build_model as build_bert
 
         return build_bert(cfg, causal=causal, device=device)
-    from unmask.model.transformer import build_model
+    from unmask.model.build import build_model
 
     return build_model(cfg, causal=causal, device=device)
 

@@ -1,10 +1,11 @@
 """The one key map between unmask's plain state dict and Hugging Face layouts (torchtitan's state-dict adapter).
 
-- `to_hf` / `from_hf`: unmask <-> the exported `UnmaskForMaskedLM` (modeling_unmask.py);
+- `to_hf` / `from_hf`: unmask <-> the exported `UnmaskForMaskedLM` (unmask/core/modeling_unmask.py), whose
+  `model` is unmask's own backbone: HF key = "model." + plain key, a tied output weight stored once;
 - `from_roberta` / `from_bert`: a `RobertaForMaskedLM` / `BertForMaskedLM` folder -> (ModelConfig fields for
   `arch = "bert"`, plain state dict, SpecialTokens), so the masked LM can be trained as a diffusion LM.
 
-Plain keys are those of `unmask.model.transformer.Transformer` (or `bert_blocks.BertTransformer`), never
+Plain keys are those of `unmask.core.transformer.Transformer` (or `unmask.core.bert_blocks.BertTransformer`), never
 tensor-parallel shards: unmask.train.consolidate gathers shards first.
 """
 
@@ -23,23 +24,14 @@ from unmask.errors import CheckpointError
 
 
 def to_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """Plain keys -> UnmaskForMaskedLM keys: output.* -> lm_head.*, head.* stays, the rest under model.*.
-    A tied output weight is left out (transformers ties it back on load)."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith("output."):
-            if tied and k == "output.weight":
-                continue
-            out["lm_head." + k.removeprefix("output.")] = v
-        elif k.startswith("head."):
-            out[k] = v
-        else:
-            out["model." + k] = v
-    return out
+    """Plain keys -> UnmaskForMaskedLM keys: "model." + key. A tied output weight is left out (transformers ties
+    it back on load)."""
+    return {"model." + k: v for k, v in state.items() if not (tied and k == "output.weight")}
 
 
 def from_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """UnmaskForMaskedLM keys -> plain keys (the inverse of `to_hf`)."""
+    """UnmaskForMaskedLM keys -> plain keys (the inverse of `to_hf`). Also reads folders exported before the
+    wrapper held unmask's backbone (lm_head.* for output.*, head.* at the top)."""
     out = {}
     for k, v in state.items():
         if k.startswith("lm_head."):

@@ -1,14 +1,15 @@
-"""`unmask export --checkpoint CKPT --out DIR`: a checkpoint (any engine, any layout) -> a Hugging Face folder.
+"""A checkpoint (any engine, any layout) -> a Hugging Face folder (`export`; `write_model` writes its loadable
+part from weights in memory), and the exported model in this process (`hf_model`). The command around it is unmask.model.hf.cli (`unmask export`).
 
 The folder holds model.safetensors, config.json (auto_map for AutoConfig, AutoModel, AutoModelForMaskedLM),
-the standalone modeling files (torch + transformers only), tokenizer.json, the sampler defaults (config.json
-"sampler", read by `diffusion_generate`) and a model card. It is written into a hidden folder beside --out and
+the files of unmask.core byte for byte (torch + transformers only: the exported model runs the very code unmask
+trains and samples with), tokenizer.json, the sampler defaults (config.json "sampler", read by
+`diffusion_generate`) and a model card. It is written into a hidden folder beside --out and
 renamed into place when complete, so a failure at any point leaves --out as it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -16,29 +17,15 @@ from pathlib import Path
 
 import torch
 
+import unmask.core
 from unmask.errors import CheckpointError
 
-HERE = Path(__file__).parent
-CODE_FILES = ("configuration_unmask.py", "modeling_unmask.py", "sampling_unmask.py", "bert_blocks.py")
+CORE = Path(unmask.core.__file__).parent
+# Every file of the folder (the wrapper's relative imports reach most of them); only the package marker stays.
+CODE_FILES = tuple(sorted(p.name for p in CORE.glob("*.py") if p.name != "__init__.py"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO_MAP = {"AutoConfig": "configuration_unmask.UnmaskConfig", "AutoModel": "modeling_unmask.UnmaskModel",
             "AutoModelForMaskedLM": "modeling_unmask.UnmaskForMaskedLM"}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/step-* folder, or a run dir (its newest valid)")
-    p.add_argument("--out", required=True, help="the folder to write (must be empty or absent unless --force)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of model.safetensors")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--sampler", choices=["ancestral", "remask"], default="ancestral", help="default sampler")
-    p.add_argument("--steps", type=int, default=64, help="default sampling steps")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
-                 sampler={"kind": args.sampler, "steps": args.steps})
-    print(f"unmask: exported {args.checkpoint} to {out}")
-    return 0
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
@@ -74,7 +61,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: 
 
 def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
     """The UnmaskConfig of a run config, with every auto_map entry set (save_pretrained would write one)."""
-    from unmask.model.hf.configuration_unmask import UnmaskConfig
+    from unmask.core.configuration_unmask import UnmaskConfig
 
     m = cfg.model
     config = UnmaskConfig(
@@ -90,35 +77,43 @@ def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
     return config
 
 
-def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: str, sampler: dict) -> None:
+def write_model(folder: Path, cfg, state: dict[str, torch.Tensor], special, dtype: str = "fp32",
+                sampler: dict | None = None) -> int:
+    """The loadable part of an export: model.safetensors, config.json and the unmask.core files, into `folder`
+    (plain keys in `state`). Returns the number of stored parameters (a tied output is stored once)."""
     from safetensors.torch import save_file
 
-    from unmask.data.tokenizer import export_hf_tokenizer
     from unmask.model.hf.adapter import to_hf
-    from unmask.model.hf.card import model_card
 
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf(state, cfg.model.tie_embeddings).items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600, unlike every other file
-    hf_config(cfg, special, dtype, sampler).to_json_file(str(tmp / "config.json"))
+    os.chmod(folder / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600, unlike every other file
+    hf_config(cfg, special, dtype, sampler).to_json_file(str(folder / "config.json"))
     for name in CODE_FILES:
-        shutil.copyfile(HERE / name, tmp / name)
+        shutil.copyfile(CORE / name, folder / name)
+    return sum(v.numel() for v in weights.values())
+
+
+def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: str, sampler: dict) -> None:
+    from unmask.data.tokenizer import export_hf_tokenizer
+    from unmask.model.hf.card import model_card
+
+    n_params = write_model(tmp, cfg, state, special, dtype, sampler)
     export_hf_tokenizer(tokenizer, tmp)
     meta = json.loads((step / "meta.json").read_text())
-    n_params = sum(v.numel() for v in weights.values())  # a tied output is stored once
     (tmp / "README.md").write_text(model_card(cfg, meta, step, special, n_params))
 
 
 def hf_model(cfg, state: dict[str, torch.Tensor], special):
     """The exported model class, in this process, holding `state` (plain keys): what `export` writes, unsaved."""
+    from unmask.core.modeling_unmask import UnmaskForMaskedLM
     from unmask.model.hf.adapter import to_hf
-    from unmask.model.hf.modeling_unmask import UnmaskForMaskedLM
 
     model = UnmaskForMaskedLM(hf_config(cfg, special))
     missing, unexpected = model.load_state_dict(to_hf(state, cfg.model.tie_embeddings), strict=False)
-    tied_ok = cfg.model.tie_embeddings and missing == ["lm_head.weight"]
+    tied_ok = cfg.model.tie_embeddings and missing == ["model.output.weight"]
     if unexpected or (missing and not tied_ok):
         raise CheckpointError(f"weights do not fit the exported model: missing {missing}, unexpected {unexpected}")
     return model.eval()

@@ -12,8 +12,12 @@ Architecture choices:
   diffusion needs no time input (the mask count carries it).
 
 The model knows nothing about ranks or the objective: parallelism replaces its Linear/Embedding
-modules from outside (unmask.parallel), and the `<mask>` handling lives in unmask.diffusion.
+modules from outside (unmask.parallel), and the `<mask>` handling lives in the objective and the samplers.
 Projections are separate modules (wq, wk, wv, w1, w3) so tensor parallelism can shard each one.
+
+This file imports only torch and reads its config by attribute (dim, n_layers, n_heads, kv_heads, head_dim,
+ffn_dim, vocab_size, max_seq_len, rope_theta, norm_eps, time_conditioning, cond_dim, init_std, tie_embeddings):
+unmask passes its ModelConfig, the exported model its UnmaskConfig, and the export copies this file unchanged.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from unmask.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +57,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg, causal: bool):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.causal = causal
@@ -90,7 +92,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg, causal: bool):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, causal)
@@ -126,7 +128,7 @@ class TimeEmbedding(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool = False):
+    def __init__(self, cfg, causal: bool = False):
         super().__init__()
         self.cfg, self.causal = cfg, causal
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -189,21 +191,3 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:  # the output re-uses the embedding; keep its init
             self.output.weight = self.tok_embeddings.weight
 
-
-def build_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu") -> Transformer:
-    """Build on the meta device (no memory touched), materialise on `device`, then `init_weights()`.
-
-    The caller seeds torch beforehand; parallel wrappers may be applied between the meta build and
-    materialisation by building with `device="meta"` and calling `to_empty` + `init_weights` themselves.
-    """
-    if cfg.arch == "bert":  # imported BERT/RoBERTa: post-norm blocks with absolute positions
-        from unmask.model.hf.bert_blocks import build_bert
-
-        return build_bert(cfg, causal=causal, device=device)
-    with torch.device("meta"):
-        model = Transformer(cfg, causal=causal)
-    if str(device) == "meta":
-        return model
-    model.to_empty(device=device)
-    model.init_weights()
-    return model

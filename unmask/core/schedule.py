@@ -1,7 +1,8 @@
 """Noise schedules alpha(t): the probability that a token is still visible at time t in [0, 1].
 
 A schedule gives alpha(t) and its derivative; the ELBO weight w(t) = -alpha'(t) / (1 - alpha(t)) follows.
-Add a schedule by subclassing `Schedule` and registering it in SCHEDULES.
+Add a schedule by subclassing `Schedule` and registering it in SCHEDULES. Imports only torch: the samplers
+of an exported model read alpha(t) from this same file.
 """
 
 from __future__ import annotations
@@ -73,7 +74,3 @@ def sample_times(batch: int, eps: float, antithetic: bool, generator: torch.Gene
         u = (u + torch.arange(batch, device=device) / batch) % 1
     return eps + (1 - eps) * (1 - u)  # 1 - u in (0, 1] so t = 1 is reachable and t = eps is not
 
-
-def time_grid(batch: int, eps: float, device=None) -> torch.Tensor:
-    """Deterministic midpoint grid over (eps, 1] for validation: [B]."""
-    return eps + (1 - eps) * (torch.arange(batch, device=device) + 0.5) / batch

@@ -1,8 +1,8 @@
 """Hugging Face configuration of an exported unmask model. Imports only transformers: the export copies this
 file into the model folder, where `AutoConfig.from_pretrained(dir, trust_remote_code=True)` loads it.
 
-Field names are unmask's own ModelConfig names (dim, n_layers, ...); `attribute_map` gives the usual Hugging
-Face aliases (hidden_size, num_hidden_layers, ...) so generic tools can read them.
+Field names are unmask's own ModelConfig names (dim, n_layers, ...), so the core backbones read either config;
+`attribute_map` gives the usual Hugging Face aliases (hidden_size, num_hidden_layers, ...) for generic tools.
 """
 
 from transformers import PretrainedConfig
@@ -38,5 +38,5 @@ class UnmaskConfig(PretrainedConfig):
         return self.n_kv_heads
 
     @property
-    def tie_embeddings(self) -> bool:  # unmask's name, read by the shared BERT blocks
+    def tie_embeddings(self) -> bool:  # unmask's name, read by the core backbones
         return self.tie_word_embeddings

@@ -7,9 +7,10 @@ Architecture choices (those of BERT, all different from unmask's default blocks)
 - post-norm blocks: x = LN(x + attention(x)), x = LN(x + ffn(x)); biases everywhere; GELU (erf) MLP;
 - MLM head: dense -> GELU -> LayerNorm -> vocabulary projection with a bias (tied to the embedding or not).
 
-This file imports only torch and reads its config by attribute (dim, n_heads, ...): unmask builds it from its
-ModelConfig, and the Hugging Face export copies it next to modeling_unmask.py unchanged. Projection names
-(wq..wo, w1, w2) follow unmask's blocks.
+This file imports only torch and reads its config by attribute (dim, n_heads, ...), as transformer.py does:
+unmask builds it from its ModelConfig, and the Hugging Face export copies it unchanged. Projection names
+(wq..wo, w1, w2) follow unmask's blocks. The MLM transform is the module `head` (its keys are in every bert
+checkpoint), so unlike `Transformer` this model has no `head(h)` method.
 """
 
 from __future__ import annotations
@@ -70,14 +71,6 @@ class BertHead(nn.Module):
         return self.norm(F.gelu(self.dense(x)))
 
 
-def embed(tok: nn.Embedding, pos: nn.Embedding, norm: nn.LayerNorm, tokens: torch.Tensor) -> torch.Tensor:
-    """LN(token + position) for tokens [B, L] -> [B, L, D]; positions 0..L-1 of the (offset-folded) table."""
-    L = tokens.shape[1]
-    if L > pos.num_embeddings:
-        raise ValueError(f"sequence length {L} exceeds the {pos.num_embeddings} learned positions")
-    return norm(tok(tokens) + pos.weight[:L])
-
-
 class BertTransformer(nn.Module):
     """The plain (rank-free) model for arch="bert": tokens [B, L] -> logits [B, L, V], like `Transformer`."""
 
@@ -93,8 +86,16 @@ class BertTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    def embed(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """LN(token + position) for tokens [B, L] -> (hidden [B, L, D], None); positions 0..L-1 of the
+        (offset-folded) table. t is ignored (BERT has no time input); the pair matches `Transformer.embed`."""
+        L = tokens.shape[1]
+        if L > self.pos_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {L} exceeds the {self.pos_embeddings.num_embeddings} learned positions")
+        return self.emb_norm(self.tok_embeddings(tokens) + self.pos_embeddings.weight[:L]), None
+
     def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        h = embed(self.tok_embeddings, self.pos_embeddings, self.emb_norm, tokens)
+        h, _ = self.embed(tokens)
         for layer in self.layers:
             h = layer(h)
         return self.output(self.head(h))
@@ -113,13 +114,3 @@ class BertTransformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-
-def build_bert(cfg, causal: bool = False, device: str | torch.device = "cpu") -> BertTransformer:
-    """Meta-device build, then materialise and init (as `unmask.model.transformer.build_model`)."""
-    with torch.device("meta"):
-        model = BertTransformer(cfg, causal=causal)
-    if str(device) == "meta":
-        return model
-    model.to_empty(device=device)
-    model.init_weights()
-    return model

@@ -6,7 +6,7 @@
 - `Ancestral` (MDLM) and `Remask` (LLaDA/MaskGIT) each take the current tokens from time t to s < t.
 
 Random numbers are drawn in the same order whether or not the network is called, so a cached run
-reproduces an uncached one exactly for the same seed.
+reproduces an uncached one exactly for the same seed. Imports only torch and its siblings (see unmask.core).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from unmask.diffusion.schedule import Schedule
+from .schedule import Schedule
 
 
 class Denoiser:

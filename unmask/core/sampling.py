@@ -1,0 +1,166 @@
+"""Sampling from a masked-diffusion model: `generate(model, template, options, mask_id, eos_id, pad_id, ...)`.
+
+The template [B, L] holds `<mask>` wherever tokens are to be generated and fixed tokens everywhere else,
+so prompt continuation (prompt then masks), infilling (masks anywhere) and unconditional generation (all
+masks) are the same call. Fixed tokens never change and a committed token is never changed again.
+
+Samplers (each its own step object in sampling_steps.py):
+- `ancestral`: MDLM ancestral sampling; a step that reveals nothing makes no network call (`cache`).
+- `remask`: LLaDA/MaskGIT confidence decoding, `low_confidence` or `random` remasking.
+Both decode block by block (`block_length`, semi-autoregressive, left to right) and both take
+classifier-free guidance, temperature / top-k / top-p with float64 Gumbel noise, and stop at `<eos>`.
+
+Imports only torch and its siblings (see unmask.core): unmask's `sample` and an exported model's
+`diffusion_generate` both run this loop, so they give the same tokens for the same seed. Errors are plain
+ValueErrors; unmask re-raises them as its SamplingError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .sampling_steps import Ancestral, Denoiser, Remask, StepContext
+from .schedule import Schedule
+
+SAMPLERS = ("ancestral", "remask")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    kind: str = "ancestral"  # "ancestral" (MDLM) or "remask" (LLaDA/MaskGIT confidence decoding)
+    steps: int = 64  # sampling steps over the whole sequence, split evenly over the blocks
+    block_length: int | None = None  # semi-autoregressive blocks of this many positions; None: one block
+    remasking: str = "low_confidence"  # remask only: commit the most confident predictions, or random ones
+    temperature: float = 1.0  # 0: greedy (no noise)
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # nucleus: smallest set of tokens with this much probability; 1: all
+    guidance: float = 0.0  # classifier-free guidance weight w; 0: the conditional model alone
+    cache: bool = True  # skip the network on steps that change no token
+    stop_at_eos: bool = False  # cut each row at its first generated <eos> (variable-length output)
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.kind in SAMPLERS, f"kind={self.kind!r} is not a sampler; allowed: {list(SAMPLERS)}"),
+            (self.remasking in REMASKING, f"remasking={self.remasking!r}; allowed: {list(REMASKING)}"),
+            (self.steps >= 1, f"steps={self.steps}: need at least 1 sampling step"),
+            (self.block_length is None or self.block_length >= 1,
+             f"block_length={self.block_length}: need at least 1 position per block (or none)"),
+            (self.temperature >= 0, f"temperature={self.temperature}: must be >= 0 (0 is greedy)"),
+            (self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 keeps every token)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]"),
+            (self.guidance >= 0, f"guidance={self.guidance}: must be >= 0 (0 is no guidance)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"sampler: {message}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_ids(generated: torch.Tensor, block_length: int | None) -> torch.Tensor:
+    """Block of each position [B, L]: blocks of `block_length` positions from each row's first mask; -1 fixed."""
+    if block_length is None:
+        return torch.where(generated, 0, -1)
+    L = generated.shape[1]
+    first = generated.long().argmax(1, keepdim=True)  # [B, 1] first mask of each row
+    pos = torch.arange(L, device=generated.device)[None]
+    return torch.where(generated, (pos - first) // block_length, -1)
+
+
+def split_steps(steps: int, blocks: int) -> list[int]:
+    """Steps per block, as even as possible (the first blocks take the remainder)."""
+    if steps < blocks:
+        raise ValueError(f"steps={steps} is fewer than the {blocks} blocks to decode: "
+                         f"use at least {blocks} steps or a longer block_length")
+    return [steps // blocks + (j < steps % blocks) for j in range(blocks)]
+
+
+def default_prompt_mask(template: torch.Tensor, mask_id: int, pad_id: int) -> torch.Tensor:
+    """The positions guidance masks for its unconditional pass: every fixed token but <pad>. [B, L] bool."""
+    return (template != mask_id) & (template != pad_id)
+
+
+def check_template(template: torch.Tensor, options: SamplerOptions, mask_id: int, max_len: int | None,
+                   prompt_mask: torch.Tensor | None) -> None:
+    """Every template problem as one ValueError naming the value, before any network call."""
+    if template.dim() != 2 or template.dtype != torch.long:
+        raise ValueError(f"template must be a [batch, length] int64 tensor, got {tuple(template.shape)} "
+                         f"{template.dtype}")
+    masks = template == mask_id
+    empty = (~masks.any(1)).nonzero()[:, 0].tolist()
+    if empty:
+        raise ValueError(f"template row(s) {empty} have no <mask> (id {mask_id}) to fill: "
+                         "put <mask> where text should be generated")
+    if max_len is not None and template.shape[1] > max_len:
+        raise ValueError(f"template length {template.shape[1]} exceeds the model's max_seq_len {max_len}: "
+                         "shorten the prompt or the length to generate")
+    if prompt_mask is not None and prompt_mask.shape != template.shape:
+        raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != template {tuple(template.shape)}")
+    if options.guidance and prompt_mask is not None and not prompt_mask.any(1).all():
+        rows = (~prompt_mask.any(1)).nonzero()[:, 0].tolist()
+        raise ValueError(f"guidance needs a prompt in every row: row(s) {rows} have no prompt token to condition "
+                         "on (set guidance=0 for unconditional rows)")
+    split_steps(options.steps, int(block_ids(masks, options.block_length).max()) + 1)
+
+
+def first_eos(x: torch.Tensor, generated: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Index of each row's first generated <eos> [B]; L when there is none."""
+    L = x.shape[1]
+    pos = torch.arange(L, device=x.device).expand_as(x)
+    return torch.where((x == eos_id) & generated, pos, L).min(1).values
+
+
+def stop_finished_rows(x, generated, mask_id: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """A row whose first generated <eos> has no mask before it is finished: its later masks could only make
+    text that is cut off, so they become <pad> and take no more steps."""
+    first = first_eos(x, generated, eos_id)[:, None]  # [B, 1]
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    masked = x == mask_id
+    finished = ~(masked & (pos < first)).any(1, keepdim=True)  # [B, 1]
+    return x.masked_fill(finished & masked & (pos > first), pad_id)
+
+
+@torch.no_grad()
+def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: int, eos_id: int, pad_id: int,
+             schedule: Schedule, time_conditioned: bool, prompt_mask: torch.Tensor | None = None,
+             max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Fill every `<mask>` of `template` [B, L] with `model` (tokens [B, L] (, t [B]) -> logits [B, L, V]).
+
+    prompt_mask [B, L] bool: the prompt positions masked for the unconditional pass of guidance (default:
+    every fixed non-pad token). Returns (tokens [B, L] (after <eos>: <pad> when stop_at_eos), lengths [B]
+    (tokens before the first generated <eos>; L when none or not stop_at_eos), network evaluations, steps)."""
+    o = options
+    if prompt_mask is None:
+        prompt_mask = default_prompt_mask(template, mask_id, pad_id)
+    check_template(template, o, mask_id, max_len, prompt_mask)
+    generated = template == mask_id  # [B, L]
+    blocks = block_ids(generated, o.block_length)  # [B, L]
+    per_block = split_steps(o.steps, int(blocks.max()) + 1)
+    generator = torch.Generator(device=template.device).manual_seed(o.seed)
+    denoiser = Denoiser(model, mask_id, time_conditioned, o.guidance, prompt_mask, o.cache)
+    ctx = StepContext(denoiser, schedule, mask_id, o.temperature, o.top_k, o.top_p, generator)
+    stepper = Ancestral() if o.kind == "ancestral" else Remask(o.remasking)
+
+    x, steps_taken = template.clone(), 0
+    for j, n in enumerate(per_block):
+        active = blocks == j  # [B, L]
+        block_masks = ((x == mask_id) & active).sum(1)  # [B], the masks this block starts with
+        for k in range(n):
+            if not ((x == mask_id) & active).any():
+                break  # every row finished this block (stopped at <eos>)
+            # Time runs from 1 to 0 inside each block; the last step reaches 0 and reveals every mask left.
+            x = stepper.step(ctx, x, active, 1 - k / n, 1 - (k + 1) / n, block_masks)
+            steps_taken += 1
+            if o.stop_at_eos:
+                x = stop_finished_rows(x, generated, mask_id, eos_id, pad_id)
+    lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+    if o.stop_at_eos:
+        lengths = first_eos(x, generated, eos_id)
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        x = x.masked_fill(generated & (pos > lengths[:, None]), pad_id)  # text after <eos> is dropped
+    return x, lengths, denoiser.nfe, steps_taken
