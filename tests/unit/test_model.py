@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unmask.config import ModelConfig
 from unmask.model.counting import param_count, train_flops_per_token
-from unmask.model.sizes import MODEL_SIZES
+from unmask.config_sizes import MODEL_SIZES
 from unmask.model.transformer import build_model
 
 
