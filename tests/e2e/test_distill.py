@@ -68,7 +68,7 @@ def test_resume_mid_round_is_exact(tiny_shards, teacher, tmp_path):
 
 
 def test_round_boundary_replaces_the_teacher(tiny_shards, teacher, tmp_path):
-    from unmask.train.consolidate import load_checkpoint_weights
+    from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     cfg = student_config(tiny_shards, tmp_path, "--distill.start_steps=8", "--distill.final_steps=2",
                          "--distill.steps_per_round=3", "--checkpoint.interval_steps=1", "--checkpoint.keep_last=9")

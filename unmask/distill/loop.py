@@ -13,12 +13,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from unmask.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.config import Config
 from unmask.diffusion.objective import MaskedDiffusion
 from unmask.distill.objective import build_distill_objective, frozen_copy
 from unmask.errors import ConfigError
 from unmask.model.transformer import build_model
-from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.engine import build_engine
 from unmask.train.loop import load_validation, make_loader, start_run, step_keys, validate
 from unmask.train.optim import set_peak_lr
@@ -39,7 +39,7 @@ class DistillProgress:
 def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
     weights. Refuses layouts whose student weights are not whole on each rank (the teacher copy needs them)."""
-    from unmask.train.consolidate import load_checkpoint_weights
+    from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     path = teacher or cfg.distill.teacher
     if not path:

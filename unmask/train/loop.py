@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from unmask.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.config import Config
 from unmask.data.loader import ShardLoader
 from unmask.diffusion.noise import BatchKey
@@ -25,7 +26,6 @@ from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
 from unmask.model.transformer import build_model
 from unmask.parallel.dims import ParallelDims, setup_parallel
-from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.engine import Engine, build_engine
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes, perplexity, unigram_entropy
 from unmask.train.optim import set_peak_lr

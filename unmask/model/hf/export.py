@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
            sampler: dict | None = None) -> Path:
     """Write the Hugging Face folder `out` from `checkpoint`; returns `out`."""
-    from unmask.train.consolidate import find_tokenizer, load_checkpoint_weights, resolve, special_tokens
+    from unmask.checkpoint.consolidate import find_tokenizer, load_checkpoint_weights, resolve, special_tokens
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
