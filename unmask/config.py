@@ -14,8 +14,8 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from unmask.errors import ConfigError
 from unmask.config_sizes import MODEL_SIZES
+from unmask.errors import ConfigError
 
 # The names unmask/diffusion/schedule.py registers; a literal here keeps config a leaf that diffusion depends on
 # (tests/unit/test_config.py checks the two agree).

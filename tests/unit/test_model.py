@@ -6,8 +6,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from unmask.config import ModelConfig
-from unmask.model.counting import param_count, train_flops_per_token
 from unmask.config_sizes import MODEL_SIZES
+from unmask.model.counting import param_count, train_flops_per_token
 from unmask.model.transformer import build_model
 
 
