@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from unmask.checkpoint import Checkpointer, rng_state
 from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
@@ -27,7 +28,6 @@ from unmask.diffusion.objective import build_objective
 from unmask.model.build import build_model
 from unmask.model.counting import param_count
 from unmask.parallel.dims import setup_parallel
-from unmask.train.checkpoint import Checkpointer, rng_state
 from unmask.train.engine import build_engine
 
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "sample": ("unmask.diffusion.cli", "generate (continue, infill, unconditional) from a model"),
     "eval": ("unmask.eval.cli", "held-out NELBO, generative perplexity, diversity and speed of a model"),
     "export": ("unmask.model.hf.cli", "export a checkpoint to a Hugging Face folder"),
-    "plot": ("unmask.train.plot", "PNGs of a run's loss, validation and learning-rate curves"),
+    "plot": ("unmask.plot.cli", "PNGs of a run's loss, validation and learning-rate curves"),
     "plan": ("unmask.plan.cli", "per-rank memory and speed of parallel layouts; a recommended one"),
 }
 

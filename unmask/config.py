@@ -14,8 +14,12 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from unmask.config_sizes import MODEL_SIZES
 from unmask.errors import ConfigError
-from unmask.model.sizes import MODEL_SIZES
+
+# The names unmask/core/schedule.py registers; a literal here keeps config a leaf that diffusion depends on
+# (tests/unit/test_config.py checks the two agree).
+SCHEDULE_NAMES = ("loglinear", "cosine")
 
 
 class Section(BaseModel):
@@ -217,15 +221,24 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        from unmask.core.schedule import SCHEDULES
-
-        if self.diffusion.schedule not in SCHEDULES:
-            raise ValueError(f"diffusion.schedule={self.diffusion.schedule!r}; allowed: {sorted(SCHEDULES)}")
+        if self.diffusion.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"diffusion.schedule={self.diffusion.schedule!r}; allowed: {sorted(SCHEDULE_NAMES)}")
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         return self
+
+    @property
+    def causal(self) -> bool:
+        """Whether the network attends causally: the autoregressive baseline does, every diffusion objective is
+        bidirectional."""
+        return self.diffusion.objective == "ar"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The `tokenizer.model` prepare-data writes beside the splits (OUT/train, OUT/tokenizer.model)."""
+        return Path(self.data.train_dir).parent / "tokenizer.model"
 
     def to_toml(self) -> str:
         return dump_toml(self.model_dump(mode="json", exclude_none=True))

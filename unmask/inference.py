@@ -50,7 +50,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     path = Path(path)
     if (path / "config.json").is_file():
         return _load_export(path, device)
-    from unmask.train.consolidate import load_model
+    from unmask.checkpoint.consolidate import load_model
 
     cfg, model, special, tokenizer = load_model(path, device=device)
     return Loaded(model, cfg.model, special, Codec(tokenizer), cfg.diffusion.objective, cfg.diffusion.schedule,
@@ -60,8 +60,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
 def _load_export(path: Path, device) -> Loaded:
     import json
 
+    from unmask.model.build import build_model
     from unmask.model.hf.init import read_folder
-    from unmask.train.consolidate import build_plain_model
 
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "unmask":
@@ -70,7 +70,7 @@ def _load_export(path: Path, device) -> Loaded:
     fields, state, special = read_folder(path)
     model_cfg = ModelConfig(**fields)
     causal = bool(config.get("causal", False))
-    model = build_plain_model(model_cfg, causal=causal, device=device)
+    model = build_model(model_cfg, causal=causal, device=device)
     model.load_state_dict(state)
     return Loaded(model.eval(), model_cfg, special, Codec(path), "ar" if causal else "mdlm",
                   config.get("noise_schedule", "loglinear"), path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tests.support.runs import HANG_GUARD_S, REPO, tiny_cli_args
-from unmask.train.reshard import to_universal
+from unmask.checkpoint.reshard import to_universal
 
 # Pinned here rather than taken from configs/tiny.toml, so the tests do not move when the preset does. A constant
 # lr after warmup: the schedule must not depend on train.steps, which differs between a run's halves.

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from _parallel_common import write_result
 
+from unmask.checkpoint import Checkpointer, rng_state
 from unmask.config import load_config
 from unmask.diffusion.objective import build_objective
 from unmask.model.build import build_model
 from unmask.parallel.dims import setup_parallel
 from unmask.train import collective
-from unmask.train.checkpoint import Checkpointer, rng_state
 from unmask.train.engine import build_engine
 from unmask.train.loop import make_loader, restore
 

@@ -17,10 +17,10 @@ import torch
 from _resume_common import ARGS, assert_same_state, loader_positions, step_dir, torchrun, train, training_state
 
 from tests.support.runs import REPO, metrics, tiny_cli_args, tiny_config
+from unmask.checkpoint.reshard import check_supported, client_state
 from unmask.errors import CheckpointError
 from unmask.parallel.dims import ParallelDims
 from unmask.train.loop import make_loader
-from unmask.train.reshard import check_supported, client_state
 
 pytestmark = pytest.mark.distributed
 MB = 4  # micro-batch size; one micro-batch per step

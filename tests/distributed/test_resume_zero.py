@@ -8,7 +8,7 @@ import torch
 from _resume_common import assert_same_state, step_dir, train, training_state
 
 from tests.support.runs import train_losses
-from unmask.train.consolidate import load_checkpoint_weights
+from unmask.checkpoint.consolidate import load_checkpoint_weights
 
 pytestmark = pytest.mark.distributed
 

@@ -110,7 +110,7 @@ def test_non_finite_steps_roll_back_teacher_and_round_too(tiny_shards, teacher, 
 
 
 def test_round_boundary_replaces_the_teacher(tiny_shards, teacher, tmp_path):
-    from unmask.train.consolidate import load_checkpoint_weights
+    from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     cfg = student_config(tiny_shards, tmp_path, "--distill.start_steps=8", "--distill.final_steps=2",
                          "--distill.steps_per_round=3", "--checkpoint.interval_steps=1", "--checkpoint.keep_last=9")

@@ -11,16 +11,17 @@ import torch
 
 from tests.support.fresh_hf import run_fresh
 from tests.support.runs import tiny_cli_args, tiny_config
+from unmask.checkpoint.consolidate import load_checkpoint_weights, load_model
 from unmask.cli import main
 from unmask.data.tokenizer import Tokenizer
 from unmask.diffusion.objective import build_objective
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import prompt_template
 from unmask.errors import CheckpointError
+from unmask.model.build import build_model
 from unmask.model.hf.export import CODE_FILES, CORE, export
 from unmask.model.hf.init import init_from, with_model
 from unmask.parallel.dims import ParallelDims
-from unmask.train.consolidate import build_plain_model, load_checkpoint_weights, load_model
 from unmask.train.engine import LocalEngine
 from unmask.train.loop import make_loader, step_keys, train
 
@@ -74,7 +75,7 @@ def test_init_from_an_export_then_one_step_equals_one_step_from_the_checkpoint(t
 
     def one_step(weights):
         torch.manual_seed(cfg.train.seed)
-        model = build_plain_model(cfg.model)
+        model = build_model(cfg.model)
         model.load_state_dict(weights)
         loader = make_loader(cfg, ParallelDims(), cfg.data.train_dir, loop=True)
         objective = build_objective(cfg.diffusion, loader.manifest.special.mask, loader.manifest.special.pad,
@@ -162,7 +163,7 @@ def test_imported_bert_trains_with_the_diffusion_objective(tiny_shards, tmp_path
     state, fields = init_from(tmp_path / "bert", cfg)
     cfg = with_model(cfg, fields)
     torch.manual_seed(0)
-    model = build_plain_model(cfg.model)
+    model = build_model(cfg.model)
     model.load_state_dict(state)
     loader = make_loader(cfg, ParallelDims(), cfg.data.train_dir, loop=True)
     objective = build_objective(cfg.diffusion, 4, 0, cfg.train.seed, False)

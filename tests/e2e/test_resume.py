@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.support.runs import metrics, tiny_config, train_losses
+from unmask.checkpoint.store import verify
 from unmask.diffusion.objective import MaskedDiffusion
 from unmask.errors import CheckpointError
-from unmask.train.checkpoint import verify
 from unmask.train.loop import train
 
 FAST = ("--train.steps=12", "--train.log_every=1", "--train.val_every=0", "--train.micro_batch_size=4",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
@@ -55,7 +54,7 @@ def test_masked_diffusion_beats_the_unigram_entropy(trained):
 
 
 def test_samples_beat_the_untrained_model_and_shuffled_text(trained, tmp_path):
-    from unmask.eval.cli import load_reference, samples_at
+    from unmask.eval.api import load_reference, samples_at
     from unmask.inference import load
 
     common = ("--reference", "smollm2", "--steps", str(STEPS), "--num-samples", str(SAMPLES),
@@ -72,8 +71,8 @@ def test_samples_beat_the_untrained_model_and_shuffled_text(trained, tmp_path):
     torch.manual_seed(0)
     loaded.model.init_weights()
     reference = load_reference("smollm2")
-    untrained = {name: samples_at(loaded, STEPS, reference, Namespace(
-        num_samples=SAMPLES, length=LENGTH, sampler="ancestral", seed=0, top_k=k))
+    untrained = {name: samples_at(loaded, STEPS, reference, num_samples=SAMPLES, length=LENGTH,
+                                  seed=0, top_k=k)
         for name, k in (("temperature 1", 0), ("top-k 20", 20))}
 
     real, shuffled = baselines["real_text"], baselines["shuffled_words"]

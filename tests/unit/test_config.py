@@ -52,3 +52,22 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lr" in lines[0] and str(bad) in lines[0], proc.stderr
+
+
+def test_schedule_names_match_the_registered_schedules():
+    from unmask.config import SCHEDULE_NAMES
+    from unmask.core.schedule import SCHEDULES
+
+    assert sorted(SCHEDULE_NAMES) == sorted(SCHEDULES)
+
+
+def test_config_imports_no_model_or_diffusion_code():
+    code = "import sys, unmask.config; print(sorted(m for m in sys.modules if m.startswith('unmask.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "unmask.model" not in loaded and "unmask.diffusion" not in loaded, loaded
+
+
+def test_derived_values():
+    cfg = load_config(None, ["--diffusion.objective=ar", "--data.train_dir=out/shards/train"])
+    assert cfg.causal and not load_config(None).causal
+    assert cfg.tokenizer_path == Path("out/shards/tokenizer.model")

@@ -12,9 +12,9 @@ from unmask.config import Config
 from unmask.core import sampling
 from unmask.data.special import SpecialTokens
 from unmask.diffusion import sampler
+from unmask.model.build import build_model
 from unmask.model.hf.adapter import from_hf, to_hf
 from unmask.model.hf.export import AUTO_MAP, CODE_FILES, CORE, hf_model, write_model
-from unmask.train.consolidate import build_plain_model
 
 VARIANTS = [{}, {"tie_embeddings": True}, {"time_conditioning": True}, {"n_kv_heads": 1},
             {"arch": "bert", "n_kv_heads": None}, {"arch": "bert", "n_kv_heads": None, "tie_embeddings": True}]
@@ -24,7 +24,7 @@ def random_model(variant: dict, objective: str = "mdlm", schedule: str = "loglin
     cfg = Config.model_validate({"model": {"size": "tiny", **variant}, "train": {"seq_len": 64},
                                  "diffusion": {"objective": objective, "schedule": schedule}})
     torch.manual_seed(0)
-    model = build_plain_model(cfg.model, causal=objective == "ar").eval()
+    model = build_model(cfg.model, causal=objective == "ar").eval()
     with torch.no_grad():  # every weight random: zero-initialised adaLN or norms would hide mistakes
         for p in model.parameters():
             p.normal_(std=0.2 if p.ndim > 1 else 1.0)

@@ -8,9 +8,9 @@ from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForM
 
 from unmask.config import Config
 from unmask.errors import CheckpointError, ConfigError
+from unmask.model.build import build_model
 from unmask.model.hf.adapter import from_bert, from_roberta
 from unmask.model.hf.init import init_from, with_model
-from unmask.train.consolidate import build_plain_model
 
 SHAPE = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
              max_position_embeddings=66)
@@ -35,7 +35,7 @@ def save(tmp_path, family: str, tie: bool = True):
 
 def unmask_model(fields, state):
     cfg = Config.model_validate({"model": fields, "train": {"seq_len": 16}})
-    model = build_plain_model(cfg.model)
+    model = build_model(cfg.model)
     model.load_state_dict(state)
     return cfg, model.eval()
 
@@ -61,7 +61,7 @@ def test_init_from_gives_model_fields_and_plain_weights(tmp_path):
     state, fields = init_from(folder, cfg)
     new = with_model(cfg, fields)
     assert new.model.dim == 32 and new.model.size is None and new.train == cfg.train
-    model = build_plain_model(new.model)
+    model = build_model(new.model)
     model.load_state_dict(state)
     x = torch.randint(3, 98, (1, 10))
     with torch.no_grad():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from unmask.train.metrics import GPUS, Throughput, cpu_matmul_flops, device_peak_flops, gpu_kind, peak_memory_bytes
+from unmask.plan.gpus import GPUS
+from unmask.train.metrics import Throughput, cpu_matmul_flops, device_peak_flops, gpu_kind, peak_memory_bytes
 
 
 def test_gpu_table():

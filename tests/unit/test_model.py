@@ -6,9 +6,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from unmask.config import ModelConfig
+from unmask.config_sizes import MODEL_SIZES
 from unmask.model.build import build_model
 from unmask.model.counting import param_count, train_flops_per_token
-from unmask.model.sizes import MODEL_SIZES
 
 
 def test_bidirectional_sees_the_future_and_causal_does_not():

@@ -13,9 +13,9 @@ from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
 from unmask.model.build import build_model
 from unmask.model.counting import param_count
+from unmask.plan.gpus import GPUS
 from unmask.plan.layouts import candidates
 from unmask.plan.memory import Layout, estimate, rank_params
-from unmask.train.metrics import GPUS
 
 ROOT = Path(__file__).parents[2]
 

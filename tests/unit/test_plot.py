@@ -3,7 +3,7 @@
 import json
 
 from unmask.cli import main
-from unmask.train.plot import plot_run, read_metrics
+from unmask.eval.curves import plot_run, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

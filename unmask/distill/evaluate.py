@@ -1,13 +1,12 @@
 """Quality versus sampling steps, teacher against student: generative perplexity (when a reference AR judge is
 configured), unigram entropy and wall time of unconditional samples, as distill_eval.json and distill_eval.png in
-the run directory. Rows are made by the same code as `unmask eval` (unmask.eval.cli.samples_at)."""
+the run directory. Rows are made by the same code as `unmask eval` (unmask.eval.api.samples_at)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-from argparse import Namespace
 from pathlib import Path
 
 from torch import nn
@@ -18,20 +17,20 @@ from unmask.eval.plot import plot_quality_vs_steps
 
 def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> dict:
     """Sample the teacher (cfg.distill.teacher) at eval_teacher_steps and `student` at eval_student_steps."""
-    from unmask.eval.cli import load_reference, samples_at
+    from unmask.eval.api import load_reference, samples_at
     from unmask.inference import load
 
     d = cfg.distill
     teacher = load(d.teacher)
     student_loaded = dataclasses.replace(teacher, model=copy.deepcopy(student).float().cpu().eval())
     reference = load_reference(d.reference) if d.reference else None
-    args = Namespace(num_samples=d.eval_samples, length=d.eval_length or cfg.train.seq_len, sampler="ancestral",
-                     seed=cfg.train.seed)
+    length = d.eval_length or cfg.train.seq_len
     rows = []
     for name, loaded, steps_list in (("teacher", teacher, d.eval_teacher_steps),
                                      ("student", student_loaded, d.eval_student_steps)):
         for steps in steps_list:
-            row = {"model": name, **samples_at(loaded, steps, reference, args)}
+            row = {"model": name, **samples_at(loaded, steps, reference, num_samples=d.eval_samples, length=length,
+                                              seed=cfg.train.seed)}
             row["wall_s"] = row.pop("seconds")
             rows.append(row)
             say(f"unmask distill: {name} at {steps} steps: entropy {row['unigram_entropy']:.3f}"

@@ -15,7 +15,7 @@ def build_components(cfg, dims, device, special, init_state=None, wrap_objective
     from unmask.diffusion.objective import build_objective
     from unmask.model.build import build_model
 
-    model = build_model(cfg.model, causal=cfg.diffusion.objective == "ar", device=device)
+    model = build_model(cfg.model, causal=cfg.causal, device=device)
     if init_state is not None:
         model.load_state_dict(init_state)
     objective = build_objective(cfg.diffusion, special.mask, special.pad, cfg.train.seed, cfg.model.time_conditioning)

@@ -1,6 +1,8 @@
 """Evaluation metrics: held-out likelihood (likelihood.py), generative perplexity under a reference causal LM
-(genppl.py), diversity of samples (diversity.py), sampling speed (speed.py) and the quality-vs-steps plot
-(plot.py). Each module imports only what it needs, so `import unmask.eval.diversity` stays cheap."""
+(genppl.py), diversity of samples (diversity.py), sampling speed (speed.py), the quality-vs-steps plot
+(plot.py) and a run's training curves (curves.py); api.py composes them for
+`unmask eval` and distillation. Each module imports only what it needs, so `import unmask.eval.diversity` stays
+cheap."""
 
 from unmask.errors import UnmaskError
 

@@ -33,9 +33,9 @@ def duration(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from unmask.config import load_config
     from unmask.model.counting import param_count, train_flops_per_token
+    from unmask.plan.gpus import GPUS
     from unmask.plan.layouts import candidates, global_batch
     from unmask.plan.memory import Layout
-    from unmask.train.metrics import GPUS
 
     if args.gpu not in GPUS:
         raise UnmaskError(f"--gpu {args.gpu!r} is not known; choose one of {sorted(GPUS)}")

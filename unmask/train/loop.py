@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from unmask import faults
+from unmask.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.config import Config
 from unmask.data.loader import ShardLoader
 from unmask.diffusion.noise import BatchKey
@@ -28,7 +29,6 @@ from unmask.errors import CheckpointError
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
 from unmask.parallel.dims import ParallelDims, setup_parallel
-from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes
 from unmask.train.preemption import Preemption
 from unmask.train.report import Reporter
@@ -136,8 +136,7 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
         status = "FINISHED"
     finally:
         preemption.restore()
-        tokenizer = Path(cfg.data.train_dir).parent / "tokenizer.model"
-        report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [tokenizer]})
+        report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [cfg.tokenizer_path]})
     return last_val
 
 

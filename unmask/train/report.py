@@ -29,7 +29,7 @@ class Reporter:
     def finish(self, status: str, artifacts: dict[str, list[Path]] | None = None) -> None:
         """Flush and close; on success also plot the curves and keep plots/tokenizer as run artifacts."""
         if self.enabled and status == "FINISHED":
-            from unmask.train.plot import plot_run
+            from unmask.eval.curves import plot_run
 
             for path in plot_run(self.run_dir):
                 self.tracker.log_artifact(path, "plots")

@@ -6,7 +6,7 @@
   `arch = "bert"`, plain state dict, SpecialTokens), so the masked LM can be trained as a diffusion LM.
 
 Plain keys are those of `unmask.core.transformer.Transformer` (or `unmask.core.bert_blocks.BertTransformer`), never
-tensor-parallel shards: unmask.train.consolidate gathers shards first.
+tensor-parallel shards: unmask.checkpoint.consolidate gathers shards first.
 """
 
 from __future__ import annotations

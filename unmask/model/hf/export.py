@@ -31,7 +31,7 @@ AUTO_MAP = {"AutoConfig": "configuration_unmask.UnmaskConfig", "AutoModel": "mod
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
            sampler: dict | None = None) -> Path:
     """Write the Hugging Face folder `out` from `checkpoint`; returns `out`."""
-    from unmask.train.consolidate import find_tokenizer, load_checkpoint_weights, resolve, special_tokens
+    from unmask.checkpoint.consolidate import find_tokenizer, load_checkpoint_weights, resolve, special_tokens
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -68,7 +68,7 @@ def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
         arch=m.arch, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads, ffn_dim=m.ffn_dim,
         vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
         time_conditioning=m.time_conditioning, cond_dim=m.cond_dim, init_std=m.init_std,
-        causal=cfg.diffusion.objective == "ar", tie_word_embeddings=m.tie_embeddings, mask_token_id=special.mask,
+        causal=cfg.causal, tie_word_embeddings=m.tie_embeddings, mask_token_id=special.mask,
         pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos, unk_token_id=special.unk,
         noise_schedule=cfg.diffusion.schedule, sampler=sampler or {})
     config.auto_map = dict(AUTO_MAP)

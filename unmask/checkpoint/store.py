@@ -201,7 +201,7 @@ class Checkpointer:
 
     def load(self, path: Path, engine, cfg: Config) -> tuple[dict, dict]:
         """Restore the engine; return (meta, this rank's client state). A checkpoint written by another number of
-        processes (a data-parallel change) or another ZeRO stage is re-partitioned (unmask/train/reshard.py)."""
+        processes (a data-parallel change) or another ZeRO stage is re-partitioned (unmask/checkpoint/reshard.py)."""
         from unmask.config import load_config_text
 
         meta = json.loads((path / "meta.json").read_text())
@@ -213,7 +213,7 @@ class Checkpointer:
         if same_layout:
             engine.load(str(path), "engine")
             return meta, torch.load(path / "client" / f"rank-{self.rank:05d}.pt", weights_only=True)
-        from unmask.train import reshard
+        from unmask.checkpoint import reshard
 
         reshard.load_engine(path, engine, saved, cfg, self.rank)
         return meta, reshard.client_state(path, saved_world, self.rank)

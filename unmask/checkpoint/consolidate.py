@@ -23,24 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unmask.config import Config, ModelConfig, load_config_text
+from unmask.checkpoint.store import STEP_DIR, verify
+from unmask.config import Config, load_config_text
 from unmask.data.special import SpecialTokens
 from unmask.errors import CheckpointError
-from unmask.train.checkpoint import STEP_DIR, verify
+from unmask.model.build import build_model
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)")
-
-
-def build_plain_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu") -> nn.Module:
-    """The rank-free model of either architecture family (meta-device build, then init)."""
-    if cfg.arch == "bert":
-        from unmask.model.build import build_model as build_bert
-
-        return build_bert(cfg, causal=causal, device=device)
-    from unmask.model.build import build_model
-
-    return build_model(cfg, causal=causal, device=device)
 
 
 def resolve(path: str | Path) -> Path:
@@ -83,7 +73,7 @@ def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
     state = {k: v.detach().to(torch.float32) for k, v in state.items() if v is not None and "_extra_state" not in k}
     if cfg.model.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    want = {k: tuple(v.shape) for k, v in build_plain_model(cfg.model, device="meta").state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if want != got:
         missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
@@ -189,8 +179,8 @@ def _merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def find_tokenizer(cfg: Config) -> Path:
-    """`<data.train_dir>/../tokenizer.model`, where prepare-data writes it."""
-    path = Path(cfg.data.train_dir).parent / "tokenizer.model"
+    """`cfg.tokenizer_path` (where prepare-data writes it), checked to exist."""
+    path = cfg.tokenizer_path
     if not path.is_file():
         raise CheckpointError(f"tokenizer {path} (next to data.train_dir={cfg.data.train_dir}) does not exist; "
                               "restore the prepare-data output folder the run was trained on")
@@ -209,6 +199,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
     """(config, plain model in eval mode with the checkpoint's weights, special tokens, tokenizer.model path)."""
     cfg, state = load_checkpoint_weights(path)
     tokenizer = find_tokenizer(cfg)
-    model = build_plain_model(cfg.model, causal=cfg.diffusion.objective == "ar", device=device)
+    model = build_model(cfg.model, causal=cfg.causal, device=device)
     model.load_state_dict(state)
     return cfg, model.eval(), special_tokens(cfg), tokenizer

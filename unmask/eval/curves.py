@@ -1,12 +1,12 @@
-"""`unmask plot RUN_DIR`: PNGs of a run's curves from its metrics.jsonl: loss.png (training loss with the
-validation NELBO over it: both are nats per token), val.png (validation perplexity bound) and lr.png.
+"""A training run's curves as PNGs from its metrics.jsonl (for `unmask plot RUN_DIR` and the run's artifacts):
+loss.png (training loss with the validation NELBO over it: both are nats per token), val.png (validation
+perplexity bound) and lr.png.
 
 A resumed run appends to metrics.jsonl, possibly re-logging steps after its checkpoint: the last row
 logged for a step wins, which is what the resumed run actually trained."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -78,14 +78,3 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         fig.savefig(out / f"{name}.png")
         written.append(out / f"{name}.png")
     return written
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a training run directory (with metrics.jsonl)")
-    p.add_argument("--out", help="where the PNGs go (default RUN_DIR/plots)")
-
-
-def run(args: argparse.Namespace) -> int:
-    for path in plot_run(args.run_dir, args.out):
-        print(path)
-    return 0

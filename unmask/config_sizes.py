@@ -1,4 +1,6 @@
-"""Named model sizes. Every test uses `tiny`; `small` is the CPU demo; the rest follow published shapes."""
+"""Named model sizes (`model.size`). Every test uses `tiny`; `small` is the CPU demo; the rest follow published shapes.
+
+Kept beside unmask/config.py, which expands them, so that config imports no model code (model depends on config)."""
 
 MODEL_SIZES: dict[str, dict] = {
     # ~0.16M parameters: fast enough for every unit and distributed test.

@@ -1,0 +1,1 @@
+"""`unmask plot`: the command only; the drawing is unmask/eval/curves.py."""
