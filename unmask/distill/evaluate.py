@@ -33,7 +33,7 @@ def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> d
                                               seed=cfg.train.seed)}
             row["wall_s"] = row.pop("seconds")
             rows.append(row)
-            say(f"unmask distill: {name} at {steps} steps: entropy {row['unigram_entropy']:.3f}"
+            say(f"{name} at {steps} steps: entropy {row['unigram_entropy']:.3f}"
                 + (f", gen ppl {row['gen_ppl']:.2f}" if "gen_ppl" in row else "") + f", {row['wall_s']:.2f}s")
     table = {"teacher": d.teacher, "reference": d.reference, "objective": d.objective, "rows": rows}
     return write_table(table, run_dir)
