@@ -16,12 +16,12 @@ from pathlib import Path
 from unmask.config import Config
 from unmask.diffusion.objective import MaskedDiffusion
 from unmask.distill.objective import build_distill_objective, frozen_copy
+from unmask.engines import build_engine
+from unmask.engines.optim import set_peak_lr
 from unmask.errors import ConfigError
 from unmask.model.transformer import build_model
 from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
-from unmask.train.engine import build_engine
 from unmask.train.loop import load_validation, make_loader, start_run, step_keys, validate
-from unmask.train.optim import set_peak_lr
 from unmask.train.report import Reporter
 
 

@@ -1,10 +1,16 @@
-"""Pipeline parallelism: the plain model's block list cut into DeepSpeed `PipelineModule` stages.
+"""Pipeline parallelism: the plain model cut into DeepSpeed `PipelineModule` stages, each running the model's own
+code (`Transformer.embed`, `rope`, `Block.forward`, `head`), so there is no second copy of the forward.
 
-Layers: embedding, one layer per block, then final norm + output head; blocks are split evenly over stages
-(`partition_method="type:_BlockLayer"`), the embedding joins the first stage and the head the last.
-Between stages only the hidden state [B, L, D] travels. Noise is a function of BatchKey, so every stage
-runs `objective.corrupt` itself: the first stage takes the corrupted tokens, the last stage the targets,
-and the objective's `loss_from_logits` is the pipeline loss.
+Layers: embedding (+ time embedding), one layer per block, then final norm + output head; blocks are split
+evenly over stages (`partition_method="type:_BlockLayer"`), the embedding joins the first stage and the head the
+last. Between stages the hidden state [B, L, D] travels, with the time condition [B, cond_dim] beside it as a
+tuple when the model is time-conditioned. Noise is a function of BatchKey, so every stage runs
+`objective.corrupt` itself: the first stage takes the network inputs, the last stage the targets, and the
+objective's `loss_from_logits` is the pipeline loss.
+
+The layers keep the attribute names of `Transformer`, so the checkpoint's per-layer keys are the model's
+(layer 0: `tok_embeddings.*` / `time_embedding.*`, blocks: `block.*`, last: `norm.*`, `output.*`), which is what
+checkpoint readers map back to plain keys.
 """
 
 from __future__ import annotations
@@ -14,58 +20,66 @@ import torch.distributed as dist
 from torch import nn
 
 from unmask.config import Config
-from unmask.model.transformer import rotary_tables
-from unmask.parallel.dims import ParallelDims
-from unmask.parallel.engine import (
+from unmask.engines.base import StepStats
+from unmask.engines.deepspeed import (
     DeepSpeedCheckpointing,
-    clip_hook,
     deepspeed_config,
-    keep_fp32_buffers,
+    initialize,
     prepare_deepspeed,
     prepare_model,
 )
-from unmask.train.engine import StepStats
-from unmask.train.optim import build_optimizer, build_scheduler
+from unmask.model.transformer import Transformer
+from unmask.parallel.dims import ParallelDims
+
+
+def _split(x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return x if isinstance(x, tuple) else (x, None)
+
+
+def _join(h: torch.Tensor, cond: torch.Tensor | None):
+    # DeepSpeed sends tensors between stages, never None: the condition travels only when there is one.
+    return h if cond is None else (h, cond)
 
 
 class _EmbedLayer(nn.Module):
-    def __init__(self, tok_embeddings: nn.Module):
+    def __init__(self, model: Transformer):
         super().__init__()
-        self.tok_embeddings = tok_embeddings
+        self.tok_embeddings, self.time_embedding = model.tok_embeddings, model.time_embedding
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(tokens)
+    def forward(self, inputs):
+        tokens, t = _split(inputs)
+        return _join(*Transformer.embed(self, tokens, t))  # the model's method on the same attribute names
 
 
 class _BlockLayer(nn.Module):
     """A block with the rotary tables of its input's length, so any stage can run it."""
 
-    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float):
+    def __init__(self, block: nn.Module, model: Transformer):
         super().__init__()
-        self.block, self.head_dim, self.rope_theta = block, head_dim, rope_theta
+        self.block, self.cfg = block, model.cfg
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block(h, *rotary_tables(self.head_dim, h.shape[1], self.rope_theta, device=h.device))
+    def forward(self, x):
+        h, cond = _split(x)
+        cos, sin = Transformer.rope(self, h.shape[1], h.device)
+        return _join(self.block(h, cos, sin, cond), cond)
 
 
 class _HeadLayer(nn.Module):
-    def __init__(self, norm: nn.Module, output: nn.Module):
+    def __init__(self, model: Transformer):
         super().__init__()
-        self.norm, self.output = norm, output
+        self.norm, self.output = model.norm, model.output
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))
+    def forward(self, x) -> torch.Tensor:
+        return Transformer.head(self, _split(x)[0])
 
 
-def build_pipeline_module(model: nn.Module, objective, dims: ParallelDims):
+def build_pipeline_module(model: Transformer, objective, dims: ParallelDims):
     """A PipelineModule over the (possibly tensor-parallel) model, with DeepSpeed's topology laid out as
-    megatron's groups (see dims.py), so tensor-parallel peers are the same ranks in both libraries."""
+    megatron's groups (see parallel/dims.py), so tensor-parallel peers are the same ranks in both libraries."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    layers = [_EmbedLayer(model.tok_embeddings)]
-    layers += [_BlockLayer(b, model.cfg.head_dim, model.cfg.rope_theta) for b in model.layers]
-    layers.append(_HeadLayer(model.norm, model.output))
+    layers = [_EmbedLayer(model), *(_BlockLayer(b, model) for b in model.layers), _HeadLayer(model)]
     topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
 
     def loss_fn(logits, targets):
@@ -76,28 +90,24 @@ def build_pipeline_module(model: nn.Module, objective, dims: ParallelDims):
                           dynamic_shape=True)
 
 
+def _network_input(inputs: tuple):
+    """The first stage's input: the tokens alone, or (tokens, t) for a time-conditioned model."""
+    return inputs[0] if len(inputs) == 1 else tuple(inputs)
+
+
 class PipelineEngine(DeepSpeedCheckpointing):
-    """The LocalEngine interface on a DeepSpeed PipelineEngine (`.ds`)."""
+    """The Engine interface on a DeepSpeed PipelineEngine (`.ds`)."""
 
-    def __init__(self, cfg: Config, model: nn.Module, objective, dims: ParallelDims):
-        import deepspeed
-
+    def __init__(self, cfg: Config, model: Transformer, objective, dims: ParallelDims):
         prepare_deepspeed()
         self.cfg, self.objective, self.dims = cfg, objective, dims
-        prepare_model(cfg, model, objective, dims)
+        prepare_model(cfg, model, dims)
         module = build_pipeline_module(model, objective, dims)
         del model  # layers of other stages are freed with it
-        optimizer = build_optimizer(module, cfg.optim)
-        if cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32":
-            optimizer.register_step_pre_hook(clip_hook(cfg.optim.grad_clip))
-        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         ds_config = deepspeed_config(cfg, dims)
         # Partitioned stage transfers cache the first shape; dynamic shapes need whole tensors.
         ds_config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
-        restore = keep_fp32_buffers(module)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                             lr_scheduler=self.scheduler, config=ds_config)
-        restore()
+        self.ds, self.optimizer, self.scheduler = initialize(cfg, module, ds_config)
         self.model = self.ds.module
         self.device = self.ds.device
 
@@ -106,7 +116,7 @@ class PipelineEngine(DeepSpeedCheckpointing):
         data = []
         for x0, key in zip(micro_batches, keys, strict=True):
             c = self.objective.corrupt(x0.to(self.device), key)
-            data.append((c.inputs[0], c.targets))
+            data.append((_network_input(c.inputs), c.targets))
         # train_batch runs grad_accum micro-batches, steps, and returns the mean loss over them and dp.
         loss = float(self.ds.train_batch(iter(data)))
         norm = self.ds.get_global_grad_norm()
@@ -115,25 +125,25 @@ class PipelineEngine(DeepSpeedCheckpointing):
         return StepStats(loss, norm, lr, bool(skipped))
 
     @torch.no_grad()
-    def eval_terms(self, x0, time_samples, seed):
+    def eval_terms(self, x0, time_samples, key):
         """The objective's eval on the pipeline: each network call is one inference pass; only the last stage
         sees logits, so its terms are broadcast to the other stages of its pipeline."""
         from megatron.core import parallel_state as ps
 
-        def network(tokens):
+        def network(*inputs):
             dummy = torch.zeros(1, device=self.device)
             # eval_batch adds the logits to the last training loss it still holds (DeepSpeed 0.19): clear it.
             self.ds.total_loss = None
-            _, logits = self.ds.eval_batch(iter([(tokens, dummy)]), return_logits=True, compute_loss=False,
-                                           reduce_output=None, bcast_loss=False, num_micro_batches=1)
+            _, logits = self.ds.eval_batch(iter([(_network_input(inputs), dummy)]), return_logits=True,
+                                           compute_loss=False, reduce_output=None, bcast_loss=False,
+                                           num_micro_batches=1)
             if logits is None:  # not the last stage: placeholder of the right shape, result discarded below
                 V = self.cfg.model.vocab_size // self.dims.tp
-                logits = torch.zeros(*tokens.shape, V, device=self.device)
+                logits = torch.zeros(*inputs[0].shape, V, device=self.device)
             return logits
 
-        per_seq, counts = self.objective.eval_terms(network, x0.to(self.device), time_samples, seed)
+        per_seq, counts = self.objective.eval_terms(network, x0.to(self.device), time_samples, key)
         out = torch.stack([per_seq.double(), counts.double()])
         last = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(out, src=last, group=ps.get_pipeline_model_parallel_group())
         return out[0], out[1].long()
-

@@ -20,15 +20,15 @@ from unmask.config import Config
 from unmask.data.loader import ShardLoader
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import build_objective
+from unmask.engines import Engine, build_engine
+from unmask.engines.optim import set_peak_lr
 from unmask.errors import CheckpointError
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
 from unmask.model.transformer import build_model
 from unmask.parallel.dims import ParallelDims, setup_parallel
 from unmask.train.checkpoint import Checkpointer, config_hash, rng_state, set_rng_state
-from unmask.train.engine import Engine, build_engine
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes, perplexity, unigram_entropy
-from unmask.train.optim import set_peak_lr
 from unmask.train.preemption import Preemption
 from unmask.train.report import Reporter
 
