@@ -189,6 +189,6 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
         return StepStats(loss, norm, lr, skipped)
 
     @torch.no_grad()
-    def eval_terms(self, x0, time_samples, seed):
+    def eval_terms(self, x0, time_samples, key):
         self.ds.eval()
-        return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, seed)
+        return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, key)

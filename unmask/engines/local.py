@@ -44,10 +44,10 @@ class LocalEngine:
         return StepStats(loss, grad_norm, lr)
 
     @torch.no_grad()
-    def eval_terms(self, x0, time_samples, seed):
+    def eval_terms(self, x0, time_samples, key):
         self.model.eval()
         with autocast(self.cfg.train.dtype, self.device):
-            return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, seed)
+            return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, key)
 
     def all_reduce_dp(self, values: list[float]) -> list[float]:
         return list(values)  # one process is the whole data-parallel group
