@@ -24,11 +24,9 @@ from unmask.checkpoint import Checkpointer, rng_state
 from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import build_objective
-from unmask.model.build import build_model
+from unmask.engines import build_components
 from unmask.model.counting import param_count
 from unmask.parallel.dims import setup_parallel
-from unmask.train.engine import build_engine
 
 
 def main() -> None:
@@ -53,9 +51,7 @@ def main() -> None:
     dims = setup_parallel(cfg)
     special = SpecialTokens()
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    objective = build_objective(cfg.diffusion, special.mask, special.pad, 0, cfg.model.time_conditioning)
-    engine = build_engine(cfg, model, objective, dims)
+    engine = build_components(cfg, dims, torch.device("cpu"), special).engine
 
     def step(i: int) -> float:
         x = torch.randint(5, cfg.model.vocab_size, (args.batch, args.seq_len),

@@ -64,16 +64,14 @@ def measure(size: str, zero: int, micro: int, seq_len: int) -> dict:
     """One rank's states and activations after a warm-up step (Adam's state exists from the first step)."""
     from unmask.data.special import SpecialTokens
     from unmask.diffusion.noise import BatchKey
-    from unmask.diffusion.objective import build_objective
-    from unmask.model.build import build_model
+    from unmask.engines import build_components
     from unmask.parallel.dims import setup_parallel
-    from unmask.train.engine import build_engine
 
     cfg = make_cfg(size, zero, micro, seq_len)
     dims = setup_parallel(cfg)
     torch.manual_seed(0)
     special = SpecialTokens()
-    eng = build_engine(cfg, build_model(cfg.model), build_objective(cfg.diffusion, special.mask, special.pad), dims)
+    eng = build_components(cfg, dims, torch.device("cpu"), special).engine
     probe = MemoryProbe()
     base = getattr(eng.ds.optimizer, "optimizer", eng.ds.optimizer)
     base.register_step_pre_hook(lambda opt, a, k: probe(eng, opt))

@@ -40,16 +40,14 @@ def run(args, engine: str, zero: int, micro: int, steps: int, on_step=None) -> f
     """Train `steps` steps (after one warm-up) on synthetic tokens; returns tokens/s over all ranks."""
     from unmask.data.special import SpecialTokens
     from unmask.diffusion.noise import BatchKey
-    from unmask.diffusion.objective import build_objective
-    from unmask.model.build import build_model
+    from unmask.engines import build_components
     from unmask.parallel.dims import setup_parallel
-    from unmask.train.engine import build_engine
 
     cfg = make_cfg(args, engine, zero, micro)
     dims = setup_parallel(cfg)
     torch.manual_seed(0)
     special = SpecialTokens()
-    eng = build_engine(cfg, build_model(cfg.model), build_objective(cfg.diffusion, special.mask, special.pad), dims)
+    eng = build_components(cfg, dims, torch.device("cpu"), special).engine
     if on_step is not None:
         base = getattr(eng.ds.optimizer, "optimizer", eng.ds.optimizer)
         base.register_step_pre_hook(lambda opt, a, k: on_step(eng, opt))

@@ -32,10 +32,9 @@ from torch import nn
 from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import build_objective
-from unmask.model.build import build_model
+from unmask.engines import autocast, build_components
 from unmask.model.counting import param_count, train_flops_per_token
-from unmask.train.engine import LocalEngine, autocast
+from unmask.parallel.dims import ParallelDims
 
 MASK_ID = SpecialTokens().mask
 
@@ -44,7 +43,7 @@ def unmask_step(size: str, dtype: str, batch: int, seq_len: int):
     cfg = load_config(None, [f"--model.size={size}", f"--train.dtype={dtype}", f"--train.micro_batch_size={batch}",
                              f"--train.seq_len={seq_len}", "--optim.warmup_steps=0"])
     torch.manual_seed(0)
-    engine = LocalEngine(build_model(cfg.model), build_objective(cfg.diffusion, MASK_ID, SpecialTokens().pad), cfg)
+    engine = build_components(cfg, ParallelDims(), torch.device("cpu"), SpecialTokens()).engine
     x0 = torch.randint(5, cfg.model.vocab_size, (batch, seq_len))
     counter = iter(range(10**9))
     step = lambda: engine.train_step([x0], [BatchKey(next(counter), global_batch=batch)])  # noqa: E731

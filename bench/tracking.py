@@ -22,17 +22,15 @@ import torch
 from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import build_objective
-from unmask.model.build import build_model
-from unmask.train.engine import LocalEngine
-from unmask.train.tracking import Tracker
+from unmask.engines import build_components
+from unmask.parallel.dims import ParallelDims
+from unmask.tracking import Tracker
 
 
 def step_seconds(batch: int, seq_len: int, steps: int = 3) -> float:
     cfg = load_config(None, ["--model.size=small", f"--train.micro_batch_size={batch}", f"--train.seq_len={seq_len}"])
     torch.manual_seed(0)
-    special = SpecialTokens()
-    engine = LocalEngine(build_model(cfg.model), build_objective(cfg.diffusion, special.mask, special.pad), cfg)
+    engine = build_components(cfg, ParallelDims(), torch.device("cpu"), SpecialTokens()).engine
     x0 = torch.randint(5, cfg.model.vocab_size, (batch, seq_len))
     times = []
     for step in range(steps + 1):  # the first is warm-up

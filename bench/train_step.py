@@ -17,10 +17,9 @@ import torch
 from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import build_objective
-from unmask.model.build import build_model
+from unmask.engines import build_components
 from unmask.model.counting import param_count, train_flops_per_token
-from unmask.train.engine import LocalEngine
+from unmask.parallel.dims import ParallelDims
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -41,9 +40,7 @@ def step_throughput(size: str, dtype: str, batch: int, seq_len: int, steps: int)
                              f"--train.dtype={dtype}", f"--train.micro_batch_size={batch}",
                              f"--train.seq_len={seq_len}", "--optim.warmup_steps=0"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    special = SpecialTokens()
-    engine = LocalEngine(model, build_objective(cfg.diffusion, special.mask, special.pad), cfg)
+    engine = build_components(cfg, ParallelDims(), torch.device("cpu"), SpecialTokens()).engine
     x0 = torch.randint(5, cfg.model.vocab_size, (batch, seq_len))
     engine.train_step([x0], [BatchKey(0, global_batch=batch)])
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ COMMANDS = {
     "distill": ("unmask.distill.cli", "distil a trained model into fewer sampling steps (SDTT rounds or DCD)"),
     "sample": ("unmask.diffusion.cli", "generate (continue, infill, unconditional) from a model"),
     "eval": ("unmask.eval.cli", "held-out NELBO, generative perplexity, diversity and speed of a model"),
-    "export": ("unmask.model.hf.cli", "export a checkpoint to a Hugging Face folder"),
+    "export": ("unmask.export.cli", "export a checkpoint to a Hugging Face folder"),
     "plot": ("unmask.plot.cli", "PNGs of a run's loss, validation and learning-rate curves"),
     "plan": ("unmask.plan.cli", "per-rank memory and speed of parallel layouts; a recommended one"),
 }

@@ -10,11 +10,11 @@ import sys
 import torch
 
 from unmask.config import Config
+from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import build_objective
-from unmask.model.build import build_model
 
-MASK_ID, PAD_ID = 4, 0
+SPECIAL = SpecialTokens()
+MASK_ID, PAD_ID = SPECIAL.mask, SPECIAL.pad
 
 
 def make_cfg(**sections) -> Config:
@@ -48,17 +48,15 @@ def rank_batches(cfg: Config, step: int, dp: int, dp_rank: int) -> tuple[list[to
 
 
 def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
-    """Run `steps` optimizer steps through setup_parallel + build_engine, as the train loop does, then the
+    """Run `steps` optimizer steps through setup_parallel + build_components, as the train loop does, then the
     validation terms of a held-out batch summed over dp ranks. Validation masks depend on the per-rank batch
     shape, so a one-process reference evaluates the same per-rank slices (`eval_split` = the other run's dp)."""
+    from unmask.engines import build_components
     from unmask.parallel.dims import setup_parallel
-    from unmask.train.engine import build_engine
 
     dims = setup_parallel(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    objective = build_objective(cfg.diffusion, MASK_ID, PAD_ID, cfg.train.seed, cfg.model.time_conditioning)
-    engine = build_engine(cfg, model, objective, dims)
+    engine = build_components(cfg, dims, torch.device("cpu"), SPECIAL).engine
     losses, norms = [], []
     for step in range(steps):
         micro, keys = rank_batches(cfg, step, dims.dp, dims.dp_rank)
@@ -70,10 +68,9 @@ def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
     ranks = [dims.dp_rank] if split == dims.dp else range(split)
     terms = [0.0, 0.0]
     for r in ranks:  # held-out rows strided like the loader
-        per_seq, counts = engine.eval_terms(x0[r::split], 2, seed=123)
+        per_seq, counts = engine.eval_terms(x0[r::split], 2, 123)
         terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
-    reduce = getattr(engine, "all_reduce_dp", None)
-    return {"loss": losses, "grad_norm": norms, "eval": reduce(terms) if reduce else terms, "dims": dims}
+    return {"loss": losses, "grad_norm": norms, "eval": engine.all_reduce_dp(terms), "dims": dims}
 
 
 def write_result(result: dict) -> None:

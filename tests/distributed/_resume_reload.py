@@ -15,11 +15,9 @@ from _parallel_common import write_result
 
 from unmask.checkpoint import Checkpointer, rng_state
 from unmask.config import load_config
-from unmask.diffusion.objective import build_objective
-from unmask.model.build import build_model
+from unmask.engines import build_components
+from unmask.parallel import collective
 from unmask.parallel.dims import setup_parallel
-from unmask.train import collective
-from unmask.train.engine import build_engine
 from unmask.train.loop import make_loader, restore
 
 
@@ -30,9 +28,7 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     loader = make_loader(cfg, dims, cfg.data.train_dir, loop=True)
     special = loader.manifest.special
-    model = build_model(cfg.model)
-    objective = build_objective(cfg.diffusion, special.mask, special.pad, cfg.train.seed, cfg.model.time_conditioning)
-    engine = build_engine(cfg, model, objective, dims)
+    engine = build_components(cfg, dims, torch.device("cpu"), special).engine
     ckpt = Checkpointer(Path(cfg.train.run_dir), cfg.checkpoint, dims.rank, dims.world_size)
     path = ckpt.find(cfg.checkpoint.resume)
     progress = restore(ckpt, path, engine, loader, cfg)

@@ -15,5 +15,6 @@ def test_tp2_matches_tp1_logits_loss_and_every_gradient(tmp_path):
         assert len(r["grads"]) == r["n_ref_params"], tied
         assert r["logits"] < 1e-5, tied
         assert r["loss"] < 1e-5, tied
+        assert r["merge_keys"] and r["merge"] == 0.0, tied  # merge_tensor_parallel inverts the plan exactly
         worst = max(r["grads"].items(), key=lambda kv: kv[1])
         assert worst[1] < 1e-5, (tied, worst)

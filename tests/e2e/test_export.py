@@ -13,16 +13,15 @@ from tests.support.fresh_hf import run_fresh
 from tests.support.runs import tiny_cli_args, tiny_config
 from unmask.checkpoint.consolidate import load_checkpoint_weights, load_model
 from unmask.cli import main
+from unmask.data.special import SpecialTokens
 from unmask.data.tokenizer import Tokenizer
-from unmask.diffusion.objective import build_objective
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import prompt_template
+from unmask.engines import build_components
 from unmask.errors import CheckpointError
-from unmask.model.build import build_model
-from unmask.model.hf.export import CODE_FILES, CORE, export
+from unmask.export.hf import CODE_FILES, CORE, export
 from unmask.model.hf.init import init_from, with_model
 from unmask.parallel.dims import ParallelDims
-from unmask.train.engine import LocalEngine
 from unmask.train.loop import make_loader, step_keys, train
 
 pytestmark = pytest.mark.slow
@@ -75,15 +74,11 @@ def test_init_from_an_export_then_one_step_equals_one_step_from_the_checkpoint(t
 
     def one_step(weights):
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        model.load_state_dict(weights)
         loader = make_loader(cfg, ParallelDims(), cfg.data.train_dir, loop=True)
-        objective = build_objective(cfg.diffusion, loader.manifest.special.mask, loader.manifest.special.pad,
-                                    cfg.train.seed, cfg.model.time_conditioning)
-        engine = LocalEngine(model, objective, cfg)
-        stats = engine.train_step(list(itertools.islice(iter(loader), cfg.train.grad_accum)),
-                                  step_keys(cfg, ParallelDims(), 0))
-        return stats.loss, model.state_dict()
+        parts = build_components(cfg, ParallelDims(), torch.device("cpu"), loader.manifest.special, init_state=weights)
+        stats = parts.engine.train_step(list(itertools.islice(iter(loader), cfg.train.grad_accum)),
+                                        step_keys(cfg, ParallelDims(), 0))
+        return stats.loss, parts.model.state_dict()
 
     loss_a, after_a = one_step(state)
     loss_b, after_b = one_step(load_checkpoint_weights(trained)[1])
@@ -163,11 +158,8 @@ def test_imported_bert_trains_with_the_diffusion_objective(tiny_shards, tmp_path
     state, fields = init_from(tmp_path / "bert", cfg)
     cfg = with_model(cfg, fields)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    model.load_state_dict(state)
     loader = make_loader(cfg, ParallelDims(), cfg.data.train_dir, loop=True)
-    objective = build_objective(cfg.diffusion, 4, 0, cfg.train.seed, False)
-    engine = LocalEngine(model, objective, cfg)
+    engine = build_components(cfg, ParallelDims(), torch.device("cpu"), SpecialTokens(), init_state=state).engine
     batch = next(iter(loader))
     losses = [engine.train_step([batch], step_keys(cfg, ParallelDims(), 0)).loss for _ in range(8)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]  # same batch and noise: it fits

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.support.runs import HANG_GUARD_S, tiny_cli_args
 from unmask.checkpoint.consolidate import load_checkpoint_weights
-from unmask.model.hf.export import export
+from unmask.export.hf import export
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 COMMON = ("--train.steps=2", "--train.val_every=0", "--train.log_every=1", "--optim.lr=1e-4", "--train.threads=1",

@@ -12,9 +12,9 @@ from unmask.config import Config
 from unmask.core import sampling
 from unmask.data.special import SpecialTokens
 from unmask.diffusion import sampler
+from unmask.export.hf import AUTO_MAP, CODE_FILES, CORE, hf_model, write_model
 from unmask.model.build import build_model
 from unmask.model.hf.adapter import from_hf, to_hf
-from unmask.model.hf.export import AUTO_MAP, CODE_FILES, CORE, hf_model, write_model
 
 VARIANTS = [{}, {"tie_embeddings": True}, {"time_conditioning": True}, {"n_kv_heads": 1},
             {"arch": "bert", "n_kv_heads": None}, {"arch": "bert", "n_kv_heads": None, "tie_embeddings": True}]

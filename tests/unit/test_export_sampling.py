@@ -10,7 +10,7 @@ from tests.unit.test_export_hf import random_model
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template
-from unmask.model.hf.export import hf_model, write_model
+from unmask.export.hf import hf_model, write_model
 
 SP = SpecialTokens()
 OPTIONS = [

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from unmask.config import load_config
-from unmask.train.tracking import Tracker, tracking_uri
+from unmask.tracking import Tracker, tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def client(tracker):
 
 
 def test_unmask_import_does_not_import_mlflow():
-    code = "import sys, unmask.train.tracking, unmask.train.console; assert 'mlflow' not in sys.modules"
+    code = "import sys, unmask.tracking, unmask.train.console; assert 'mlflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

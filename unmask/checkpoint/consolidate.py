@@ -157,22 +157,12 @@ def _pipeline_rank(engine: Path, mp: int, cfg: Config) -> dict[str, torch.Tensor
 
 
 def _merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate tensor-parallel shards: column-parallel and vocab-parallel on dim 0, row-parallel on dim 1,
-    the rest (norms) is replicated."""
+    """Concatenate tensor-parallel shards: the inverse of the plan that split them."""
     with warnings.catch_warnings():  # megatron warns at import about optional GPU libraries
         warnings.simplefilter("ignore")
-        from unmask.parallel.tensor import _COLUMN, _ROW
+        from unmask.parallel.tensor import TP_PLAN, merge_tensor_parallel
 
-    out = {}
-    for key, first in shards[0].items():
-        module = key.split(".")[-2]
-        if module in _COLUMN or module in ("tok_embeddings", "output"):
-            out[key] = torch.cat([s[key] for s in shards], dim=0)
-        elif module in _ROW:
-            out[key] = torch.cat([s[key] for s in shards], dim=1)
-        else:
-            out[key] = first
-    return out
+    return merge_tensor_parallel(shards, TP_PLAN)
 
 
 # ------------------------------------------------------------------------------------------------ for users

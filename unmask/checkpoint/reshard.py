@@ -29,7 +29,7 @@ import torch
 
 from unmask.config import Config
 from unmask.errors import CheckpointError
-from unmask.train import collective
+from unmask.parallel import collective
 
 WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in parameter names
 

@@ -31,7 +31,7 @@ import torch
 from unmask import faults
 from unmask.config import CheckpointConfig, Config
 from unmask.errors import CheckpointError
-from unmask.train import collective
+from unmask.parallel import collective
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Keys whose change alters tensor shapes or the meaning of the saved state: refused on resume.

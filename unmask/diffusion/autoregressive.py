@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import Corrupted, DenseVocab, LossOutput
+from unmask.diffusion.objective import NLL, Corrupted, LossOutput, dense_nll
 
 
 class Autoregressive:
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, nll: NLL = dense_nll):
         self.pad_id = pad_id
-        self.vocab = DenseVocab()
+        self.nll = nll  # dense, or vocab-parallel under tensor parallelism
 
     def corrupt(self, x0: torch.Tensor, key: BatchKey | None = None, prompt_mask=None) -> Corrupted:
         return Corrupted((x0[:, :-1],), (x0[:, 1:],))  # inputs [B, L-1], targets [B, L-1]
@@ -22,7 +22,7 @@ class Autoregressive:
     def loss_from_logits(self, logits: torch.Tensor, targets: tuple) -> LossOutput:
         (y,) = targets
         valid = y != self.pad_id
-        nll = self.vocab.nll(logits[valid], y[valid])  # [N]
+        nll = self.nll(logits[valid], y[valid])  # [N]
         num_tokens = int(valid.sum())
         return LossOutput(nll.sum() / max(num_tokens, 1), num_tokens)
 
@@ -36,7 +36,7 @@ class Autoregressive:
         c = self.corrupt(x0)
         (y,) = c.targets
         valid = y != self.pad_id
-        nll = self.vocab.nll(model(*c.inputs)[valid], y[valid])
+        nll = self.nll(model(*c.inputs)[valid], y[valid])
         per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
         per_seq.index_add_(0, valid.nonzero()[:, 0], nll.double())
         return per_seq, valid.sum(1)

@@ -9,6 +9,7 @@ scores the network's output. `MaskedDiffusion` is MDLM/MD4's continuous-time ELB
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,17 +33,17 @@ class Corrupted:
     targets: tuple[torch.Tensor, ...]  # what loss_from_logits needs; tensors only (pipeline-safe)
 
 
-class DenseVocab:
-    """Cross-entropy over full-vocabulary logits. Tensor parallelism swaps in a vocab-parallel version
-    with the same method (unmask.parallel)."""
+NLL = Callable[..., torch.Tensor]  # (logits [N, V], targets [N], suppress: int | None = None) -> nll [N]
 
-    def nll(self, logits: torch.Tensor, targets: torch.Tensor, suppress: int | None = None) -> torch.Tensor:
-        """-log softmax(logits)[target] per row, token `suppress` excluded: logits [N, V] -> [N]."""
-        logits = logits.float()
-        if suppress is not None:
-            logits = logits.clone()
-            logits[:, suppress] = float("-inf")
-        return F.cross_entropy(logits, targets, reduction="none")
+
+def dense_nll(logits: torch.Tensor, targets: torch.Tensor, suppress: int | None = None) -> torch.Tensor:
+    """-log softmax(logits)[target] per row, token `suppress` excluded: logits [N, V] -> [N]. Objectives take
+    another function of this signature under tensor parallelism (vocab-sharded logits, unmask.parallel.tensor)."""
+    logits = logits.float()
+    if suppress is not None:
+        logits = logits.clone()
+        logits[:, suppress] = float("-inf")
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -63,11 +64,11 @@ class MaskedDiffusion:
     """Masked diffusion ELBO: mask each token with probability 1 - alpha(t), predict it, weight by w(t)."""
 
     def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
-                 time_conditioned: bool = False):
+                 time_conditioned: bool = False, nll: NLL = dense_nll):
         self.cfg, self.mask_id, self.pad_id, self.seed = cfg, mask_id, pad_id, seed
         self.schedule = get_schedule(cfg.schedule)
         self.time_conditioned = time_conditioned
-        self.vocab = DenseVocab()
+        self.nll = nll
 
     def loss(self, model, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> LossOutput:
         c = self.corrupt(x0, key, prompt_mask)
@@ -111,7 +112,7 @@ class MaskedDiffusion:
     def loss_from_logits(self, logits: torch.Tensor, targets: tuple) -> LossOutput:
         x0, masked, weight, counts = targets
         # 4. Only masked positions carry loss (SUBS: visible tokens are copied, mask logit is -inf): [N].
-        nll = self.vocab.nll(logits[masked], x0[masked], suppress=self.mask_id)
+        nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)
         # 5. ELBO weight w(t) of each masked token's sample: [N].
         weighted = nll * weight[:, None].expand_as(x0)[masked]
         # 6. Normalise per maskable (non-pad, non-prompt) token.
@@ -140,7 +141,7 @@ class MaskedDiffusion:
                                                         key.dp_world, key.global_batch), B, L)
             c = self._mask(x0, t, u.to(x0.device), None)
             x0_, masked, weight, counts = c.targets
-            nll = self.vocab.nll(model(*c.inputs)[masked], x0_[masked], suppress=self.mask_id)
+            nll = self.nll(model(*c.inputs)[masked], x0_[masked], suppress=self.mask_id)
             per_seq = torch.zeros(B, dtype=torch.float64, device=x0.device)
             per_seq.index_add_(0, masked.nonzero()[:, 0], (nll * weight[:, None].expand_as(x0)[masked]).double())
             total += per_seq
@@ -148,9 +149,11 @@ class MaskedDiffusion:
 
 
 def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
-                    time_conditioned: bool = False):
+                    time_conditioned: bool = False, nll: NLL | None = None):
+    """`nll`: the per-token loss on the network's logits; None is the dense one (vocab-parallel under TP)."""
+    nll = nll or dense_nll
     if cfg.objective == "ar":
         from unmask.diffusion.autoregressive import Autoregressive
 
-        return Autoregressive(pad_id)
-    return MaskedDiffusion(cfg, mask_id, pad_id, seed, time_conditioned)
+        return Autoregressive(pad_id, nll=nll)
+    return MaskedDiffusion(cfg, mask_id, pad_id, seed, time_conditioned, nll=nll)

@@ -1,6 +1,6 @@
 """Distillation objectives: a student learns to sample in fewer steps from a frozen teacher.
 
-Both have MaskedDiffusion's interface (`loss(model, x0, key)`, `eval_terms`, `vocab`), so every engine trains
+Both have MaskedDiffusion's interface (`loss(model, x0, key)`, `eval_terms`, `nll`), so every engine trains
 them unchanged; `model` is the student, the teacher lives here. Targets are made on the fly: x_t comes from
 real tokens through the forward masking process (MaskedDiffusion.corrupt), then the teacher takes ancestral
 steps from t. Every random number (reveal draws, sampled tokens) comes from generators seeded by the step's
@@ -22,7 +22,7 @@ from torch import nn
 from unmask.config import DistillConfig
 from unmask.diffusion.noise import BatchKey, mix, per_sample_uniforms
 from unmask.diffusion.objective import LossOutput, MaskedDiffusion
-from unmask.train.engine import autocast
+from unmask.engines.base import autocast
 
 REVEAL_STREAM, TOKEN_STREAM = 0xD1, 0xD2  # seed offsets of the teacher's draws, apart from the masking draws
 LOG_FLOOR = -1e4  # stands in for log 0 (the <mask> column) so that 0 * log 0 terms stay 0, not nan
@@ -56,12 +56,8 @@ class _Distill:
         self.steps = cfg.start_steps  # the teacher's sampling steps this round
 
     @property
-    def vocab(self):  # engines swap the loss's vocab handling; distillation needs full-vocabulary logits
-        return self.diffusion.vocab
-
-    @vocab.setter
-    def vocab(self, value):
-        self.diffusion.vocab = value
+    def nll(self):  # the loss the diffusion objective was built with (validation goes through it)
+        return self.diffusion.nll
 
     def set_round(self, round_: int) -> None:
         self.steps = self.cfg.start_steps >> round_

@@ -107,7 +107,7 @@ def load_reference(path: str):
 def track(loaded, results: dict, out: Path) -> None:
     """One mlflow run per evaluation: likelihood as metrics, sample quality with the sampling steps as x axis."""
     from unmask.config import Config
-    from unmask.train.tracking import Tracker
+    from unmask.tracking import Tracker
 
     cfg = loaded.config or Config()
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(

@@ -1,5 +1,6 @@
-"""Parallel training: layout + process groups (dims), megatron-core tensor parallelism (tensor), DeepSpeed ZeRO
-(engine) and pipeline stages (pipeline), all applied from outside the plain model."""
+"""Parallel mechanisms, applied from outside the plain model: layout + process groups (dims), the declarative
+tensor-parallel plan and its inverse (tensor), RNG streams (rng) and DeepSpeed's view of megatron's groups (mpu).
+The engines that use them live in unmask.engines."""
 
 import warnings
 

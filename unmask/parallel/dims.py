@@ -48,10 +48,6 @@ class ParallelDims:
         """Global rank 0: the only rank that logs and writes run files."""
         return self.rank == 0
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
 
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as set by torchrun or the SLURM launcher; one process otherwise."""
@@ -107,8 +103,6 @@ def validate_layout(cfg: Config, world: int, gpu: bool | None = None) -> Paralle
         if m.tie_embeddings:
             raise ConfigError("model.tie_embeddings=true with parallel.pp > 1 is not supported; untie the "
                               "embeddings or use pp=1")
-        if m.time_conditioning:
-            raise ConfigError("model.time_conditioning=true with parallel.pp > 1 is not supported; use pp=1")
     return ParallelDims(dp=world // (p.tp * p.pp), tp=p.tp, pp=p.pp)
 
 

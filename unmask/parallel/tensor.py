@@ -1,16 +1,21 @@
-"""Tensor parallelism: swap the plain model's projections for megatron-core's sharded layers, in place.
+"""Tensor parallelism as a declarative plan: module-name pattern -> how megatron-core shards it.
 
-The model file stays free of ranks (torchtitan's parallelize idea). Each sharded layer receives the exact
-slice of the full layer it replaces, so a TP=N model initialised from the same seed computes what the TP=1
-model computes:
-- wq, wk, wv, w1, w3: ColumnParallelLinear (rows = heads or hidden units split across ranks, no gather);
-- wo, w2: RowParallelLinear (input already split; the output is all-reduced);
-- tok_embeddings: VocabParallelEmbedding; output: ColumnParallelLinear, leaving the logits vocab-sharded.
-Attention takes its local head counts from the projection widths, so it needs no change. The loss then
-has to work on vocab-sharded logits: `VocabParallelNLL` replaces the objective's dense cross-entropy.
+The model file stays free of ranks (torchtitan's `parallelize_module` plans). `apply_tensor_parallel` swaps each
+planned module for a megatron-core layer holding this rank's exact slice of the full weight, so a TP=N model
+initialised from the same seed computes what the TP=1 model computes; `merge_tensor_parallel`, its inverse,
+concatenates per-rank state dicts back into full weights (export, consolidation). Styles:
+- column: ColumnParallelLinear, output features split (heads or hidden units), no gather; weight dim 0;
+- row: RowParallelLinear, input already split, output all-reduced; weight dim 1;
+- vocab: VocabParallelEmbedding, vocabulary rows split; weight dim 0.
+The output head is column-parallel, leaving the logits vocab-sharded, so the objective is built with
+`vocab_parallel_nll`. Attention takes its local head counts from the projection widths, so it needs no change.
+Tied weights stay tied: a module whose weight is a parameter already sharded shares the new shard (the tied
+output head and the embedding split vocabulary rows by the same contiguous ranges).
 """
 
 from __future__ import annotations
+
+from fnmatch import fnmatchcase
 
 import torch
 from megatron.core import ModelParallelConfig, parallel_state
@@ -23,8 +28,40 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-_COLUMN = ("wq", "wk", "wv", "w1", "w3")
-_ROW = ("wo", "w2")
+# unmask's Transformer. Modules are sharded in the model's own order, so the embedding comes before the output
+# head that may share its weight.
+TP_PLAN: dict[str, str] = {
+    "tok_embeddings": "vocab",
+    "layers.*.attention.wq": "column",
+    "layers.*.attention.wk": "column",
+    "layers.*.attention.wv": "column",
+    "layers.*.attention.wo": "row",
+    "layers.*.feed_forward.w1": "column",
+    "layers.*.feed_forward.w3": "column",
+    "layers.*.feed_forward.w2": "row",
+    "output": "column",
+}
+_SPLIT_DIM = {"column": 0, "row": 1, "vocab": 0}
+
+
+def plan_style(name: str, plan: dict[str, str]) -> str | None:
+    """The style of module `name` in `plan` (`*` matches one dotted segment), or None if it is replicated."""
+    parts = name.split(".")
+    for pattern, style in plan.items():
+        pat = pattern.split(".")
+        if len(pat) == len(parts) and all(fnmatchcase(p, q) for p, q in zip(parts, pat, strict=True)):
+            return style
+    return None
+
+
+def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], plan: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Full weights from per-rank state dicts (rank order): planned weights concatenated along the dimension their
+    style splits, everything else (norms, time conditioning) replicated, taken from rank 0."""
+    out = {}
+    for key, first in shards[0].items():
+        style = plan_style(key.rpartition(".")[0], plan)
+        out[key] = first if style is None else torch.cat([s[key] for s in shards], dim=_SPLIT_DIM[style])
+    return out
 
 
 class _Column(ColumnParallelLinear):
@@ -61,54 +98,55 @@ def _fill(layer: nn.Module, full: nn.Module, dim: int) -> nn.Module:
     return layer.to(full.weight.device)
 
 
-def apply_tensor_parallel(model: nn.Module) -> nn.Module:
-    """Replace the projections and embeddings of an initialised plain `Transformer` by megatron-core layers
-    holding this rank's slices. Needs megatron's groups (`setup_parallel`). Returns the same model."""
+def _sharded_layer(style: str, full: nn.Module, mcfg: ModelParallelConfig) -> nn.Module:
+    init = nn.init.zeros_  # never called: perform_initialization=False
+    if style == "vocab":
+        return VocabParallelEmbedding(full.num_embeddings, full.embedding_dim, init_method=init, config=mcfg)
+    if full.bias is not None:
+        raise ValueError(f"tensor parallelism of {type(full).__name__} with a bias is not supported; "
+                         "unmask's projections have bias=False")
+    if style == "column":
+        return _Column(full.in_features, full.out_features, config=mcfg, init_method=init, bias=False,
+                       gather_output=False)
+    if style == "row":
+        return _Row(full.in_features, full.out_features, config=mcfg, init_method=init, bias=False,
+                    input_is_parallel=True, skip_bias_add=False)
+    raise ValueError(f"tensor-parallel style {style!r}; allowed: column, row, vocab")
+
+
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] = TP_PLAN) -> nn.Module:
+    """Replace every module of an initialised plain model that `plan` names by a megatron-core layer holding this
+    rank's slice. Needs megatron's groups (`setup_parallel`). Returns the same model, changed in place."""
     if getattr(model, "tp_applied", False):
         return model
-    gpu = next(model.parameters()).is_cuda
-    mcfg = megatron_config(gpu)
-    dtype = next(model.parameters()).dtype
-    mcfg.params_dtype = dtype
-    init = nn.init.zeros_  # never called: perform_initialization=False
-    for block in model.layers:
-        for parent in (block.attention, block.feed_forward):
-            for name, child in list(parent.named_children()):
-                if name in _COLUMN:
-                    layer = _Column(child.in_features, child.out_features, config=mcfg, init_method=init,
-                                    bias=False, gather_output=False)
-                    setattr(parent, name, _fill(layer, child, 0))
-                elif name in _ROW:
-                    layer = _Row(child.in_features, child.out_features, config=mcfg, init_method=init, bias=False,
-                                 input_is_parallel=True, skip_bias_add=False)
-                    setattr(parent, name, _fill(layer, child, 1))
-    emb = model.tok_embeddings
-    new_emb = VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, init_method=init, config=mcfg)
-    model.tok_embeddings = _fill(new_emb, emb, 0)
-    out = model.output
-    new_out = _Column(out.in_features, out.out_features, config=mcfg, init_method=init, bias=False,
-                      gather_output=False)
-    if model.cfg.tie_embeddings:
-        # Both shard rows [V/tp, D] by the same contiguous vocab ranges, so one parameter serves both.
-        del new_out.weight
-        new_out.weight = model.tok_embeddings.weight
-        model.output = new_out.to(out.weight.device)
-    else:
-        model.output = _fill(new_out, out, 0)
+    first = next(model.parameters())
+    mcfg = megatron_config(first.is_cuda)
+    mcfg.params_dtype = first.dtype
+    shards: dict[int, nn.Parameter] = {}  # id(full weight) -> its shard, so tied weights stay one parameter
+    for name, full in [(n, m) for n, m in model.named_modules() if plan_style(n, plan)]:
+        style = plan_style(name, plan)
+        layer = _sharded_layer(style, full, mcfg)
+        if id(full.weight) in shards:
+            del layer.weight
+            layer.weight = shards[id(full.weight)]
+            layer = layer.to(full.weight.device)
+        else:
+            layer = _fill(layer, full, _SPLIT_DIM[style])
+            shards[id(full.weight)] = layer.weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.tp_applied = True
     return model
 
 
-class VocabParallelNLL:
-    """The objective's `.nll` on vocab-sharded logits [N, V/tp] (megatron's vocab_parallel_cross_entropy).
+def vocab_parallel_nll(logits: torch.Tensor, targets: torch.Tensor, suppress: int | None = None) -> torch.Tensor:
+    """The objectives' `nll` on vocab-sharded logits [N, V/tp] (megatron's vocab_parallel_cross_entropy) -> [N].
 
     The `<mask>` logit is suppressed on the shard that owns that vocabulary row only."""
-
-    def nll(self, logits: torch.Tensor, targets: torch.Tensor, suppress: int | None = None) -> torch.Tensor:
-        # vocab_parallel_cross_entropy subtracts the max from its input in place: give it a private fp32 copy.
-        logits = logits.to(torch.float32, copy=True)
-        if suppress is not None:
-            start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-            if start <= suppress < start + logits.shape[-1]:
-                logits[:, suppress - start] = float("-inf")
-        return vocab_parallel_cross_entropy(logits, targets)
+    # vocab_parallel_cross_entropy subtracts the max from its input in place: give it a private fp32 copy.
+    logits = logits.to(torch.float32, copy=True)
+    if suppress is not None:
+        start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        if start <= suppress < start + logits.shape[-1]:
+            logits[:, suppress - start] = float("-inf")
+    return vocab_parallel_cross_entropy(logits, targets)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 
-from unmask.train import collective
+from unmask.parallel import collective
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from unmask.config import Config
+from unmask.tracking import Tracker
 from unmask.train.console import Console
 from unmask.train.metrics import MetricsLog
-from unmask.train.tracking import Tracker
 
 
 class Reporter:

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from unmask.config import Config
+from unmask.engines.base import StepStats
+from unmask.engines.optim import build_optimizer, build_scheduler
 from unmask.parallel.dims import ParallelDims
-from unmask.train.engine import StepStats
-from unmask.train.optim import build_optimizer, build_scheduler
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
@@ -96,26 +96,13 @@ def clip_hook(max_norm: float):
     return hook
 
 
-def keep_fp32_buffers(model: nn.Module):
-    """DeepSpeed bf16 casts every floating buffer; the rotary tables must stay fp32 (positions lose precision
-    in bf16). Returns a function that restores them after `deepspeed.initialize`."""
-    saved = {name: b.detach().clone() for name, b in model.named_buffers() if b.is_floating_point()}
-
-    def restore():
-        for name, b in model.named_buffers():
-            if name in saved and b.dtype != saved[name].dtype:
-                b.data = saved[name].to(b.device)
-
-    return restore
-
-
-def prepare_model(cfg: Config, model: nn.Module, objective, dims: ParallelDims) -> nn.Module:
-    """Tensor parallelism (and the vocab-parallel loss), then activation checkpointing of every block."""
+def prepare_model(cfg: Config, model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Tensor parallelism, then activation checkpointing of every block (torchtitan's order). The objective was
+    given the vocab-parallel loss when it was built (engines.build)."""
     if dims.tp > 1:
-        from unmask.parallel.tensor import VocabParallelNLL, apply_tensor_parallel
+        from unmask.parallel.tensor import TP_PLAN, apply_tensor_parallel
 
-        apply_tensor_parallel(model)
-        objective.vocab = VocabParallelNLL()
+        apply_tensor_parallel(model, TP_PLAN)
     if cfg.parallel.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -124,6 +111,20 @@ def prepare_model(cfg: Config, model: nn.Module, objective, dims: ParallelDims) 
         # Non-reentrant torch checkpointing; its wrapper strips its prefix from state-dict keys.
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     return model
+
+
+def initialize(cfg: Config, module: nn.Module, ds_config: dict, **kwargs):
+    """What both DeepSpeed engines do to start: unmask's AdamW (+ the ZeRO-0 fp32 clip hook) and LR schedule,
+    then `deepspeed.initialize`. Returns (DeepSpeed engine, its optimizer, the scheduler)."""
+    import deepspeed
+
+    optimizer = build_optimizer(module, cfg.optim)
+    if cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32":
+        optimizer.register_step_pre_hook(clip_hook(cfg.optim.grad_clip))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    ds, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                  config=ds_config, **kwargs)
+    return ds, ds_optimizer, scheduler
 
 
 def all_reduce_dp(values: list[float]) -> list[float]:
@@ -159,22 +160,13 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
     """The LocalEngine interface on a DeepSpeed engine (`.ds`), without pipeline stages."""
 
     def __init__(self, cfg: Config, model: nn.Module, objective, dims: ParallelDims):
-        import deepspeed
-
         from unmask.parallel.mpu import MegatronMPU
 
         prepare_deepspeed()
         self.cfg, self.objective, self.dims = cfg, objective, dims
-        prepare_model(cfg, model, objective, dims)
-        optimizer = build_optimizer(model, cfg.optim)
-        if cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32":
-            optimizer.register_step_pre_hook(clip_hook(cfg.optim.grad_clip))
-        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-        restore = keep_fp32_buffers(model)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg, dims),
-            mpu=MegatronMPU(), dist_init_required=False)
-        restore()
+        prepare_model(cfg, model, dims)
+        self.ds, self.optimizer, self.scheduler = initialize(cfg, model, deepspeed_config(cfg, dims),
+                                                             mpu=MegatronMPU(), dist_init_required=False)
         self.model = self.ds.module
         self.device = self.ds.device
 
@@ -197,15 +189,6 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
         return StepStats(loss, norm, lr, skipped)
 
     @torch.no_grad()
-    def eval_terms(self, x0, time_samples, seed):
+    def eval_terms(self, x0, time_samples, key):
         self.ds.eval()
-        return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, seed)
-
-
-def build_deepspeed_engine(cfg: Config, model: nn.Module, objective, dims: ParallelDims):
-    """The engine `build_engine` returns for parallel.engine = "deepspeed" (pipeline stages when pp > 1)."""
-    if dims.pp > 1:
-        from unmask.parallel.pipeline import PipelineEngine
-
-        return PipelineEngine(cfg, model, objective, dims)
-    return DeepSpeedEngine(cfg, model, objective, dims)
+        return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, key)

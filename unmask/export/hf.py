@@ -1,5 +1,6 @@
 """A checkpoint (any engine, any layout) -> a Hugging Face folder (`export`; `write_model` writes its loadable
-part from weights in memory), and the exported model in this process (`hf_model`). The command around it is unmask.model.hf.cli (`unmask export`).
+part from weights in memory), and the exported model in this process (`hf_model`). The command around it is
+unmask.export.cli (`unmask export`).
 
 The folder holds model.safetensors, config.json (auto_map for AutoConfig, AutoModel, AutoModelForMaskedLM),
 the files of unmask.core byte for byte (torch + transformers only: the exported model runs the very code unmask
@@ -98,7 +99,7 @@ def write_model(folder: Path, cfg, state: dict[str, torch.Tensor], special, dtyp
 
 def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: str, sampler: dict) -> None:
     from unmask.data.tokenizer import export_hf_tokenizer
-    from unmask.model.hf.card import model_card
+    from unmask.export.card import model_card
 
     n_params = write_model(tmp, cfg, state, special, dtype, sampler)
     export_hf_tokenizer(tokenizer, tmp)

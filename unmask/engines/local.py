@@ -1,50 +1,16 @@
-"""Engines run one optimizer step over a list of micro-batches; the train loop only talks to this interface.
-
-`LocalEngine` is plain PyTorch in one process. The parallel engines (DeepSpeed ZeRO/pipeline with
-megatron-core tensor parallelism) implement the same methods, so the loop never changes.
-"""
+"""The local engine: plain PyTorch in one process, the reference every parallel layout is tested against."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from unmask.config import Config
-from unmask.diffusion.noise import BatchKey
-from unmask.train.optim import build_optimizer, build_scheduler
-
-
-@dataclass
-class StepStats:
-    loss: float  # mean over micro-batches (and data-parallel ranks)
-    grad_norm: float  # before clipping
-    lr: float
-    skipped: bool = False  # non-finite loss or gradient: no update was applied
-
-
-class Engine(Protocol):
-    model: nn.Module
-
-    def train_step(self, micro_batches: list[torch.Tensor], keys: list[BatchKey]) -> StepStats: ...
-
-    def eval_terms(self, x0: torch.Tensor, time_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def save(self, directory: str, tag: str) -> None:
-        """Write this rank's engine state (model, optimizer, LR schedule) under directory/tag."""
-
-    def load(self, directory: str, tag: str) -> None: ...
-
-
-def autocast(dtype: str, device: torch.device):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from unmask.engines.base import StepStats, autocast
+from unmask.engines.optim import build_optimizer, build_scheduler
 
 
 class LocalEngine:
@@ -78,10 +44,13 @@ class LocalEngine:
         return StepStats(loss, grad_norm, lr)
 
     @torch.no_grad()
-    def eval_terms(self, x0, time_samples, seed):
+    def eval_terms(self, x0, time_samples, key):
         self.model.eval()
         with autocast(self.cfg.train.dtype, self.device):
-            return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, seed)
+            return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, key)
+
+    def all_reduce_dp(self, values: list[float]) -> list[float]:
+        return list(values)  # one process is the whole data-parallel group
 
     def save(self, directory: str, tag: str) -> None:
         (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
@@ -99,11 +68,3 @@ class LocalEngine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_engine(cfg: Config, model: nn.Module, objective, dims) -> Engine:
-    if cfg.parallel.engine == "local":
-        return LocalEngine(model, objective, cfg)
-    from unmask.parallel.engine import build_deepspeed_engine
-
-    return build_deepspeed_engine(cfg, model, objective, dims)

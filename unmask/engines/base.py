@@ -1,0 +1,50 @@
+"""The one interface the step loop talks to: every engine (local, DeepSpeed ZeRO, DeepSpeed pipeline) has all of
+it, so the loop never asks an engine what it can do."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from unmask.diffusion.noise import BatchKey
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over micro-batches (and data-parallel ranks)
+    grad_norm: float  # before clipping
+    lr: float
+    skipped: bool = False  # non-finite loss or gradient: no update was applied
+
+
+class Engine(Protocol):
+    model: nn.Module  # the trained module (tensor-parallel / pipeline-stage layers where those apply)
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def train_step(self, micro_batches: list[torch.Tensor], keys: list[BatchKey]) -> StepStats:
+        """One optimizer step over this rank's micro-batches (gradient accumulation, clipping, skip if non-finite)."""
+
+    def eval_terms(self, x0: torch.Tensor, time_samples: int,
+                   key: BatchKey | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective's (nll summed per sequence [B], tokens per sequence [B]) without gradients."""
+
+    def save(self, directory: str, tag: str) -> None:
+        """Write this rank's engine state (model, optimizer, LR schedule) under directory/tag."""
+
+    def load(self, directory: str, tag: str) -> None:
+        """Read what `save` wrote (same layout)."""
+
+    def all_reduce_dp(self, values: list[float]) -> list[float]:
+        """Sum scalars over the data-parallel ranks (the values themselves in one process)."""
+
+
+def autocast(dtype: str, device: torch.device):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,149 @@
+"""Pipeline parallelism: the plain model cut into DeepSpeed `PipelineModule` stages, each running the model's own
+code (`Transformer.embed`, `rope`, `Block.forward`, `head`), so there is no second copy of the forward.
+
+Layers: embedding (+ time embedding), one layer per block, then final norm + output head; blocks are split
+evenly over stages (`partition_method="type:_BlockLayer"`), the embedding joins the first stage and the head the
+last. Between stages the hidden state [B, L, D] travels, with the time condition [B, cond_dim] beside it as a
+tuple when the model is time-conditioned. Noise is a function of BatchKey, so every stage runs
+`objective.corrupt` itself: the first stage takes the network inputs, the last stage the targets, and the
+objective's `loss_from_logits` is the pipeline loss.
+
+The layers keep the attribute names of `Transformer`, so the checkpoint's per-layer keys are the model's
+(layer 0: `tok_embeddings.*` / `time_embedding.*`, blocks: `block.*`, last: `norm.*`, `output.*`), which is what
+checkpoint readers map back to plain keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unmask.config import Config
+from unmask.core.transformer import Transformer
+from unmask.engines.base import StepStats
+from unmask.engines.deepspeed import (
+    DeepSpeedCheckpointing,
+    deepspeed_config,
+    initialize,
+    prepare_deepspeed,
+    prepare_model,
+)
+from unmask.parallel.dims import ParallelDims
+
+
+def _split(x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return x if isinstance(x, tuple) else (x, None)
+
+
+def _join(h: torch.Tensor, cond: torch.Tensor | None):
+    # DeepSpeed sends tensors between stages, never None: the condition travels only when there is one.
+    return h if cond is None else (h, cond)
+
+
+class _EmbedLayer(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.tok_embeddings, self.time_embedding = model.tok_embeddings, model.time_embedding
+
+    def forward(self, inputs):
+        tokens, t = _split(inputs)
+        return _join(*Transformer.embed(self, tokens, t))  # the model's method on the same attribute names
+
+
+class _BlockLayer(nn.Module):
+    """A block with the rotary tables of its input's length, so any stage can run it."""
+
+    def __init__(self, block: nn.Module, model: Transformer):
+        super().__init__()
+        self.block, self.cfg = block, model.cfg
+
+    def forward(self, x):
+        h, cond = _split(x)
+        cos, sin = Transformer.rope(self, h.shape[1], h.device)
+        return _join(self.block(h, cos, sin, cond), cond)
+
+
+class _HeadLayer(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.norm, self.output = model.norm, model.output
+
+    def forward(self, x) -> torch.Tensor:
+        return Transformer.head(self, _split(x)[0])
+
+
+def build_pipeline_module(model: Transformer, objective, dims: ParallelDims):
+    """A PipelineModule over the (possibly tensor-parallel) model, with DeepSpeed's topology laid out as
+    megatron's groups (see parallel/dims.py), so tensor-parallel peers are the same ranks in both libraries."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    layers = [_EmbedLayer(model), *(_BlockLayer(b, model) for b in model.layers), _HeadLayer(model)]
+    topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+
+    def loss_fn(logits, targets):
+        return objective.loss_from_logits(logits, targets).loss
+
+    # dynamic_shape: shapes may change between steps (random-length crops, validation batches).
+    return PipelineModule(layers, topology=topology, loss_fn=loss_fn, partition_method="type:_BlockLayer",
+                          dynamic_shape=True)
+
+
+def _network_input(inputs: tuple):
+    """The first stage's input: the tokens alone, or (tokens, t) for a time-conditioned model."""
+    return inputs[0] if len(inputs) == 1 else tuple(inputs)
+
+
+class PipelineEngine(DeepSpeedCheckpointing):
+    """The Engine interface on a DeepSpeed PipelineEngine (`.ds`)."""
+
+    def __init__(self, cfg: Config, model: Transformer, objective, dims: ParallelDims):
+        prepare_deepspeed()
+        self.cfg, self.objective, self.dims = cfg, objective, dims
+        prepare_model(cfg, model, dims)
+        module = build_pipeline_module(model, objective, dims)
+        del model  # layers of other stages are freed with it
+        ds_config = deepspeed_config(cfg, dims)
+        # Partitioned stage transfers cache the first shape; dynamic shapes need whole tensors.
+        ds_config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        self.ds, self.optimizer, self.scheduler = initialize(cfg, module, ds_config)
+        self.model = self.ds.module
+        self.device = self.ds.device
+
+    def train_step(self, micro_batches, keys) -> StepStats:
+        lr = self.scheduler.get_last_lr()[0]
+        data = []
+        for x0, key in zip(micro_batches, keys, strict=True):
+            c = self.objective.corrupt(x0.to(self.device), key)
+            data.append((_network_input(c.inputs), c.targets))
+        # train_batch runs grad_accum micro-batches, steps, and returns the mean loss over them and dp.
+        loss = float(self.ds.train_batch(iter(data)))
+        norm = self.ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        skipped = not self.ds.was_step_applied() or not (torch.isfinite(torch.tensor([loss, norm])).all())
+        return StepStats(loss, norm, lr, bool(skipped))
+
+    @torch.no_grad()
+    def eval_terms(self, x0, time_samples, key):
+        """The objective's eval on the pipeline: each network call is one inference pass; only the last stage
+        sees logits, so its terms are broadcast to the other stages of its pipeline."""
+        from megatron.core import parallel_state as ps
+
+        def network(*inputs):
+            dummy = torch.zeros(1, device=self.device)
+            # eval_batch adds the logits to the last training loss it still holds (DeepSpeed 0.19): clear it.
+            self.ds.total_loss = None
+            _, logits = self.ds.eval_batch(iter([(_network_input(inputs), dummy)]), return_logits=True,
+                                           compute_loss=False, reduce_output=None, bcast_loss=False,
+                                           num_micro_batches=1)
+            if logits is None:  # not the last stage: placeholder of the right shape, result discarded below
+                V = self.cfg.model.vocab_size // self.dims.tp
+                logits = torch.zeros(*inputs[0].shape, V, device=self.device)
+            return logits
+
+        per_seq, counts = self.objective.eval_terms(network, x0.to(self.device), time_samples, key)
+        out = torch.stack([per_seq.double(), counts.double()])
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(out, src=last, group=ps.get_pipeline_model_parallel_group())
+        return out[0], out[1].long()
