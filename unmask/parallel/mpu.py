@@ -11,45 +11,22 @@ from megatron.core import parallel_state as ps
 
 
 class MegatronMPU:
+    """Each method is megatron-core's function of the same meaning, called as DeepSpeed names it."""
+
     # tensor (slice) parallel
-    def get_tensor_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return ps.get_tensor_model_parallel_src_rank()
-
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
     # DeepSpeed's "model parallel" = every non-data axis; the pipeline engine brings its own grid instead.
-    def get_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
-
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
     # data parallel
-    def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
-
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
     # pipeline (one stage here)
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return ps.get_pipeline_model_parallel_world_size()
-
-    def get_pipeline_model_parallel_group(self):
-        return ps.get_pipeline_model_parallel_group()
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
