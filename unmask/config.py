@@ -152,6 +152,43 @@ class ParallelConfig(Section):
     sequence_parallel: bool = Field(False, description="megatron sequence parallelism (GPU only)")
 
 
+# Set in every rank before init_process_group (unless already set) and exported by the sbatch script.
+DEFAULT_COLLECTIVE_ENV = [
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",  # a failed or timed-out NCCL collective aborts the process
+    "CUDA_DEVICE_MAX_CONNECTIONS=1",  # megatron's tensor-parallel overlap needs kernels in issue order
+    "NCCL_DEBUG=WARN",  # NCCL's own one-line reasons for a failure
+]
+
+
+class LaunchConfig(Section):
+    """How ranks start, wait and stop: collective timeout, NCCL/CUDA environment, preemption watchdog."""
+
+    collective_timeout_minutes: float = Field(
+        15.0, gt=0, description="a collective that waits this long fails the run instead of hanging (torch: 30)"
+    )
+    preempt_grace_seconds: float = Field(
+        120.0, gt=0, description="after SIGTERM/SIGUSR1, exit with the requeue code (without saving) if the step "
+        "has not ended by then: a rank blocked in a collective never reaches the save"
+    )
+    env: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_COLLECTIVE_ENV),
+        description="NAME=VALUE set before the process group starts and in the sbatch script (a variable already "
+        "set wins)",
+    )
+
+    @model_validator(mode="after")
+    def _check_env(self) -> LaunchConfig:
+        for item in self.env:
+            name, eq, _ = item.partition("=")
+            if not eq or not name.isidentifier():
+                raise ValueError(f"launch.env item {item!r} is not NAME=VALUE, e.g. \"NCCL_DEBUG=INFO\"")
+        return self
+
+    @property
+    def env_vars(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.env)
+
+
 class CheckpointConfig(Section):
     """Checkpoints: when to save, what to keep, how to resume and recover."""
 
@@ -216,6 +253,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 

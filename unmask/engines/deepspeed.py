@@ -17,12 +17,12 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from unmask.config import Config
 from unmask.engines.base import StepStats
 from unmask.engines.optim import build_optimizer, build_scheduler
+from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims
 
 
@@ -70,7 +70,7 @@ def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     for p in params:
         if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)):
             sq += p.grad.detach().float().pow(2).sum()
-    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    collective.all_reduce_(sq, group=ps.get_model_parallel_group())
     return sq.sqrt()
 
 
@@ -131,13 +131,7 @@ def all_reduce_dp(values: list[float]) -> list[float]:
     """Sum scalars over the data-parallel group (fp64 so token counts stay exact)."""
     from megatron.core import parallel_state as ps
 
-    t = torch.tensor(values, dtype=torch.float64)
-    if ps.get_data_parallel_world_size() > 1:
-        group = ps.get_data_parallel_group()
-        if dist.get_backend(group) == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, group=group)
-    return t.cpu().tolist()
+    return collective.sum_floats(values, group=ps.get_data_parallel_group())
 
 
 class DeepSpeedCheckpointing:

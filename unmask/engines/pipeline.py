@@ -16,7 +16,6 @@ checkpoint readers map back to plain keys.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from unmask.config import Config
@@ -29,6 +28,7 @@ from unmask.engines.deepspeed import (
     prepare_deepspeed,
     prepare_model,
 )
+from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims
 
 
@@ -145,5 +145,5 @@ class PipelineEngine(DeepSpeedCheckpointing):
         per_seq, counts = self.objective.eval_terms(network, x0.to(self.device), time_samples, key)
         out = torch.stack([per_seq.double(), counts.double()])
         last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(out, src=last, group=ps.get_pipeline_model_parallel_group())
+        collective.broadcast_(out, src=last, group=ps.get_pipeline_model_parallel_group())
         return out[0], out[1].long()

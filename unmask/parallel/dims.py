@@ -120,16 +120,23 @@ def setup_parallel(cfg: Config) -> ParallelDims:
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.set_device(local_rank)
+    for key, value in cfg.launch.env_vars.items():
+        os.environ.setdefault(key, value)  # NCCL reads these when the group starts
     if not torch.distributed.is_initialized():
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
                 os.environ.setdefault(key, value)
-        torch.distributed.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world,
-                                             timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=cfg.launch.collective_timeout_minutes)
+        torch.distributed.init_process_group(backend(gpu), rank=rank, world_size=world, timeout=timeout)
     init_model_parallel(dims, cfg.train.seed, gpu)
     return dims
+
+
+def backend(gpu: bool) -> str:
+    """The process-group backend; unmask.parallel.collective.collective_device maps it to a tensor device."""
+    return "nccl" if gpu else "gloo"
 
 
 def init_model_parallel(dims: ParallelDims, seed: int, gpu: bool) -> None:
