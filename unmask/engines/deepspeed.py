@@ -40,7 +40,9 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum * dims.dp,
         "gradient_clipping": 0.0 if own_clip else o.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.dtype == "bf16"},
+        # check_grad_overflow: without it DeepSpeed's bf16 ZeRO applies a step whose gradient is not finite
+        # (reporting the norm as -1); DeepSpeed 0.19 defaults it on, older releases off: never leave it implicit.
+        "bf16": {"enabled": t.dtype == "bf16", "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # keep unmask's torch AdamW with offload too
         "steps_per_print": 2**31 - 1,
@@ -134,6 +136,15 @@ def all_reduce_dp(values: list[float]) -> list[float]:
     return collective.sum_floats(values, group=ps.get_data_parallel_group())
 
 
+def step_stats(ds, loss: float, lr: float) -> StepStats:
+    """A step counts as skipped unless DeepSpeed applied it with a finite loss and a finite, non-negative norm
+    (DeepSpeed's norm helpers report inf/NaN as -1)."""
+    norm = ds.get_global_grad_norm()
+    norm = float("nan") if norm is None else float(norm)
+    finite = math.isfinite(loss) and math.isfinite(norm) and norm >= 0
+    return StepStats(loss, norm, lr, skipped=not (ds.was_step_applied() and finite))
+
+
 class DeepSpeedCheckpointing:
     """What both DeepSpeed engines share: the data-parallel reduction and per-rank checkpoint files (model shards,
     ZeRO partitions, LR schedule) written by DeepSpeed itself."""
@@ -177,10 +188,7 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
         return self._stats(loss, lr)
 
     def _stats(self, loss: float, lr: float) -> StepStats:
-        norm = self.ds.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
-        skipped = not self.ds.was_step_applied() or not (math.isfinite(loss) and math.isfinite(norm))
-        return StepStats(loss, norm, lr, skipped)
+        return step_stats(self.ds, loss, lr)
 
     @torch.no_grad()
     def eval_terms(self, x0, time_samples, key):

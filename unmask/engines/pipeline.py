@@ -27,6 +27,7 @@ from unmask.engines.deepspeed import (
     initialize,
     prepare_deepspeed,
     prepare_model,
+    step_stats,
 )
 from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims
@@ -119,10 +120,7 @@ class PipelineEngine(DeepSpeedCheckpointing):
             data.append((_network_input(c.inputs), c.targets))
         # train_batch runs grad_accum micro-batches, steps, and returns the mean loss over them and dp.
         loss = float(self.ds.train_batch(iter(data)))
-        norm = self.ds.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
-        skipped = not self.ds.was_step_applied() or not (torch.isfinite(torch.tensor([loss, norm])).all())
-        return StepStats(loss, norm, lr, bool(skipped))
+        return step_stats(self.ds, loss, lr)
 
     @torch.no_grad()
     def eval_terms(self, x0, time_samples, key):

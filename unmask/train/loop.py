@@ -5,8 +5,10 @@ each data-parallel rank.
 
 A step whose loss or gradient norm is not finite applies no update (the step still consumes its data and
 counts, the LR schedule does not advance); `checkpoint.max_bad_steps` such steps in a row roll the run back to
-the last checkpoint, with the lr scaled by `checkpoint.rollback_lr_scale`. SIGTERM / SIGUSR1 / SIGINT finish
-the step, save and exit with REQUEUE_EXIT_CODE.
+the last checkpoint, with the lr scaled by `checkpoint.rollback_lr_scale`. No checkpoint is written from a skipped
+step: an interval save waits for the next good step. SIGTERM / SIGUSR1 / SIGINT finish the step, save (unless it
+was skipped) and exit with REQUEUE_EXIT_CODE; a rank that cannot finish its step (blocked in a collective) is ended
+by the preemption watchdog after `launch.preempt_grace_seconds`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from unmask.engines.optim import set_peak_lr
 from unmask.errors import CheckpointError
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
+from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims, setup_parallel
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes
 from unmask.train.preemption import Preemption
@@ -88,9 +91,10 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dims.dp * cfg.train.seq_len
     peak = device_peak_flops(device, cfg.train.dtype) if dims.is_main else None
     meter = Throughput(train_flops_per_token(cfg.model, cfg.train.seq_len), peak, devices=dims.world_size)
-    preemption = Preemption()
+    preemption = Preemption(cfg.launch.preempt_grace_seconds)
     batches = iter(loader)
     last_val: dict = {}
+    save_pending = False
     status = "FAILED"
 
     def save() -> None:
@@ -104,6 +108,7 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
         while progress.step < cfg.train.steps:
             micro = list(itertools.islice(batches, cfg.train.grad_accum))
             stats = engine.train_step(micro, step_keys(cfg, dims, progress.step))
+            stats.skipped = collective.any_rank(stats.skipped)  # every rank must take the same save/rollback path
             meter.add(tokens_per_step)
             progress.step += 1
             if stats.skipped and handle_bad_step(progress, cfg, say):
@@ -126,12 +131,21 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
                 meter.reset()
             faults.hit("step.end", done)
             if preemption.requested():
-                save()
-                say(f"preempted; checkpoint saved, exiting with {REQUEUE_EXIT_CODE} to requeue")
+                # After a skipped step nothing is saved: if the skip was detected late (an update applied with a
+                # NaN norm) the weights are bad, and a requeued run simply resumes from the last good checkpoint.
+                if stats.skipped:
+                    say(f"preempted after a skipped step; not saving it, exiting with {REQUEUE_EXIT_CODE} to requeue "
+                        "from the last checkpoint")
+                else:
+                    save()
+                    say(f"preempted; checkpoint saved, exiting with {REQUEUE_EXIT_CODE} to requeue")
                 status = "KILLED"
                 raise Preempted()
-            if done == cfg.train.steps or ckpt.due(done):
+            # Never save from a step whose update was not finite: an interval save falls due on the next good step.
+            save_pending = ckpt.due(done) or save_pending or done == cfg.train.steps
+            if save_pending and not stats.skipped:
                 save()
+                save_pending = False
         stage.finish(cfg, engine, run_dir, dims.is_main, say)
         status = "FINISHED"
     finally:
