@@ -9,8 +9,10 @@ Layout under `<run_dir>/checkpoints/`:
 
 A checkpoint is written into `.tmp-step-…` and renamed only when complete, so a kill -9 at any moment leaves
 either the previous checkpoints untouched or a `.tmp-` folder that nothing reads (and the next run deletes).
-On resume every candidate is verified against its manifest; a truncated or corrupted one is skipped with a
-warning in favour of the one before. Client state is loaded with `torch.load(weights_only=True)`.
+Every file is fsynced before the manifest is written, the folder after the rename. On resume every candidate is
+verified against its manifest, each rank hashing a stripe of its files; a truncated or corrupted one is skipped
+with a warning in favour of the one before. A save that fails on any rank (full disk) fails on every rank with one
+CheckpointError, after the `.tmp-` folder is removed. Client state is loaded with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -53,10 +55,28 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint folder matches its manifest, else what is wrong."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (a file's own fsync does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_and_sync(path: Path) -> dict:
+    """Size and sha256 of a written file, after fsync: the manifest must never describe bytes still in cache."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": sha256(path)}
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
+    """None if the checkpoint folder matches its manifest, else what is wrong. With `world` > 1 only this rank's
+    stripe of the files is hashed (`verify_all` combines the stripes)."""
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
         return "no manifest.json (the save did not finish)"
@@ -64,8 +84,8 @@ def verify(path: Path) -> str | None:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as e:
         return f"manifest.json is not valid JSON ({e})"
-    for rel, entry in manifest["files"].items():
-        f = path / rel
+    for rel in sorted(manifest["files"])[rank::world]:
+        entry, f = manifest["files"][rel], path / rel
         if not f.is_file():
             return f"{rel} is missing"
         if f.stat().st_size != entry["size"]:
@@ -73,6 +93,12 @@ def verify(path: Path) -> str | None:
         if sha256(f) != entry["sha256"]:
             return f"{rel} does not match its sha256"
     return None
+
+
+def verify_all(path: Path, rank: int, world: int) -> str | None:
+    """`verify` with the hashing split over every rank (all must call it); the same answer on every rank."""
+    problems = collective.gather_objects(verify(path, rank, world))
+    return next((p for p in problems if p), None)
 
 
 def rng_state() -> dict:
@@ -125,34 +151,68 @@ class Checkpointer:
         return collective.any_rank(by_steps or by_time)  # clocks differ across ranks: agree
 
     def save(self, step: int, engine, meta: dict, client: dict) -> Path:
-        """Every rank calls this; returns the final folder."""
+        """Every rank calls this; returns the final folder. If writing fails on any rank (a full disk), every
+        rank raises the same CheckpointError, the `.tmp-` folder is removed and older checkpoints stay valid."""
         final, tmp = self.root / f"step-{step:08d}", self.root / f".tmp-step-{step:08d}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "client").mkdir(parents=True)
-        collective.barrier()
-        engine.save(str(tmp), "engine")
-        torch.save(client, tmp / "client" / f"rank-{self.rank:05d}.pt")
-        collective.barrier()
+
+        def prepare():
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "client").mkdir(parents=True)
+
+        self._agree(step, tmp, prepare)
+
+        def write():
+            engine.save(str(tmp), "engine")
+            torch.save(client, tmp / "client" / f"rank-{self.rank:05d}.pt")
+
+        self._agree(step, tmp, write)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        # Each rank hashes a stripe of the files (large sharded checkpoints hash in parallel).
-        mine = {rel: {"size": (tmp / rel).stat().st_size, "sha256": sha256(tmp / rel)}
-                for rel in files[self.rank::self.world]}
-        parts = collective.gather_objects(mine)
-        if self.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # Each rank fsyncs and hashes a stripe of the files (large sharded checkpoints hash in parallel).
+        parts = self._agree(step, tmp, lambda: {rel: hash_and_sync(tmp / rel) for rel in files[self.rank::self.world]})
+
+        def publish():
+            if self.rank != 0:
+                return
+            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             entries = {k: v for part in parts for k, v in part.items()}
-            entries["meta.json"] = {"size": (tmp / "meta.json").stat().st_size, "sha256": sha256(tmp / "meta.json")}
+            entries["meta.json"] = hash_and_sync(tmp / "meta.json")
             write_atomic(tmp / "manifest.json", json.dumps({"step": step, "files": entries}, indent=1))
             faults.hit("save.written", step)  # tests: a kill here leaves a whole-looking .tmp- folder
             if final.exists():  # the same step saved again (after a rollback): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_dir(self.root)
             write_atomic(self.root / "latest", final.name + "\n")
             self._prune(keep=final)
-        collective.barrier()
+
+        self._agree(step, tmp, publish)
         self.last_save = time.monotonic()
         return final
+
+    def _agree(self, step: int, tmp: Path, work):
+        """Run `work` on every rank, then agree on success with a small collective, so that one rank's failure
+        (ENOSPC, EFBIG, EIO) reaches every rank instead of leaving them at a barrier. Returns every rank's result
+        in rank order."""
+        result, error = None, None
+        try:
+            result = work()
+        except OSError as e:
+            error = f"rank {self.rank}: {e.strerror or e} ({e.filename or tmp})"
+        except Exception as e:  # torch.save reports a full disk as RuntimeError; any failure must reach every rank
+            error = f"rank {self.rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        outcomes = collective.gather_objects((result, error))
+        errors = [e for _, e in outcomes if e]
+        if errors:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            collective.barrier()
+            latest = self.root / "latest"
+            kept = latest.read_text().strip() if latest.is_file() else "none"
+            raise CheckpointError(f"saving checkpoint step {step} into {tmp} failed on {errors[0]}; removed the "
+                                  f"partial folder, older checkpoints in {self.root} are intact (latest: {kept}); "
+                                  "free space on that file system or point train.run_dir elsewhere")
+        return [r for r, _ in outcomes]
 
     def _prune(self, keep: Path) -> None:
         steps = sorted(self._complete_steps(), reverse=True)
@@ -172,31 +232,29 @@ class Checkpointer:
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint to resume from: `never`, an explicit path (must be valid), or `auto` = the newest
-        valid one. Rank 0 verifies and broadcasts the choice."""
+        valid one. Every rank calls this: the ranks hash stripes of each candidate's files and agree."""
         if resume == "never":
             return None
-        choice: str | None = None
-        if self.rank == 0:
-            choice = self._choose(resume)
-        choice = collective.broadcast_object(choice)
-        return Path(choice) if choice else None
-
-    def _choose(self, resume: str) -> str | None:
         if resume != "auto":
             path = Path(resume)
-            problem = verify(path) if path.is_dir() else "no such checkpoint folder"
+            problem = verify_all(path, self.rank, self.world)
             if problem:
+                problem = problem if path.is_dir() else "no such checkpoint folder"
                 raise CheckpointError(f"cannot resume from {path}: {problem}")
-            return str(path)
-        for tmp in self.root.glob(".tmp-step-*") if self.root.is_dir() else []:
-            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save: never complete, never read
-        for step in sorted(self._complete_steps(), reverse=True):
+            return path
+        steps = None
+        if self.rank == 0:
+            for tmp in self.root.glob(".tmp-step-*") if self.root.is_dir() else []:
+                shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save: never complete, never read
+            steps = sorted(self._complete_steps(), reverse=True)
+        for step in collective.broadcast_object(steps):
             path = self.root / f"step-{step:08d}"
-            problem = verify(path)
+            problem = verify_all(path, self.rank, self.world)
             if problem is None:
-                return str(path)
-            warnings.warn(f"checkpoint {path} is unusable ({problem}); falling back to the previous one",
-                          stacklevel=2)
+                return path
+            if self.rank == 0:
+                warnings.warn(f"checkpoint {path} is unusable ({problem}); falling back to the previous one",
+                              stacklevel=2)
         return None
 
     def load(self, path: Path, engine, cfg: Config) -> tuple[dict, dict]:
