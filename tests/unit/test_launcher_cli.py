@@ -1,5 +1,6 @@
 """`unmask launch`: the torchrun command and the sbatch script it renders."""
 
+import argparse
 import shlex
 import subprocess
 from pathlib import Path
@@ -36,7 +37,8 @@ def test_sbatch_torchrun_launcher():
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu", "#SBATCH --chdir=/w", "#SBATCH --requeue",
                  "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@600", "#SBATCH --qos=high",
-                 "srun /env/bin/python -m unmask.launcher.agent --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d "
+                 "#SBATCH --cpus-per-task=64",  # 8 cores for each of the task's 8 ranks
+                 "srun --kill-on-bad-exit=1 /env/bin/python -m unmask.launcher.agent --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d "
                  "-m unmask train configs/tiny.toml --train.steps=5",
                  f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]; then', '  scontrol requeue "$SLURM_JOB_ID"']:
         assert line in script.splitlines(), line
@@ -50,7 +52,34 @@ def test_sbatch_srun_launcher_on_cpus():
     script = render_sbatch(job, Slurm(launcher="srun", gpus=False, python="py", cpus_per_task=1))
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --cpus-per-task=1" in script
     assert "gpus-per-node" not in script
-    assert "\nsrun py -m unmask train c.toml\n" in script
+    assert "\nsrun --kill-on-bad-exit=1 py -m unmask train c.toml\n" in script
+
+
+def test_sbatch_exports_the_collective_environment_and_keeps_the_jobs_own():
+    from unmask.config import Config
+
+    env = Config().launch.env_vars
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    script = render_sbatch(Job("c.toml"), Slurm(python="py", env=env))
+    assert 'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"' in script.splitlines()
+    assert script.index("export CUDA_DEVICE_MAX_CONNECTIONS") < script.index("\nsrun ")
+    out = subprocess.run(["bash", "-c", 'NCCL_DEBUG=INFO; export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"; echo $NCCL_DEBUG'],
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "INFO"
+
+
+def test_launch_refuses_loader_workers_that_do_not_fit_the_cores(capsys):
+    from unmask.launcher.cli import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([TINY, "--slurm", "--gpus-per-node", "4", "--cpus-per-gpu", "2"])
+    args.overrides = ["--data.num_workers=2"]
+    with pytest.raises(UnmaskError, match="data.num_workers=2 .* 2 core"):
+        run(args)
+    args.overrides = ["--data.num_workers=1"]
+    assert run(args) == 0
+    assert "#SBATCH --cpus-per-task=8" in capsys.readouterr().out
 
 
 def test_sbatch_signal_must_fit_in_time_limit():

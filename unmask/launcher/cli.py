@@ -35,7 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--job-name", help="job name (default unmask-<config name>)")
     s.add_argument("--signal-seconds", type=int, default=300,
                    help="send SIGUSR1 this many seconds before the time limit, to save and requeue (default 300)")
-    s.add_argument("--cpus-per-task", type=int, help="CPUs per SLURM task")
+    s.add_argument("--cpus-per-task", type=int,
+                   help="CPUs per SLURM task (default: --cpus-per-gpu x the training processes of the task)")
+    s.add_argument("--cpus-per-gpu", type=int, default=8,
+                   help="cores per training process, for its threads and data.num_workers loader workers (default 8)")
     s.add_argument("--cpu-only", action="store_true", help="CPU cluster: request no GPUs")
     s.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                    help="extra sbatch option, e.g. --sbatch-option=--qos=high (repeatable)")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from unmask.launcher.commands import Job, Slurm, render_sbatch, torchrun_args, torchrun_command
 
     job = Job(args.config, list(args.overrides), args.nodes, args.gpus_per_node, args.rdzv_endpoint, args.rdzv_id)
-    check(job)
+    cfg = check(job)
     if not args.slurm:
         if not args.run:
             print(shlex.join(torchrun_command(job)))
@@ -57,7 +60,14 @@ def run(args: argparse.Namespace) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job)])
     slurm = Slurm(time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
                   signal_seconds=args.signal_seconds, launcher=args.launcher, gpus=not args.cpu_only,
-                  cpus_per_task=args.cpus_per_task, output=args.log, extra=args.sbatch_option)
+                  cpus_per_task=args.cpus_per_task, cpus_per_gpu=args.cpus_per_gpu, env=cfg.launch.env_vars,
+                  output=args.log, extra=args.sbatch_option)
+    per_rank = (args.cpus_per_task // (args.gpus_per_node if args.launcher == "torchrun" else 1)
+                if args.cpus_per_task else args.cpus_per_gpu)
+    if cfg.data.num_workers >= per_rank:
+        raise UnmaskError(f"data.num_workers={cfg.data.num_workers} loader workers per rank do not fit the {per_rank} "
+                          f"core(s) per rank this job asks for; set data.num_workers <= {max(per_rank - 1, 0)} or "
+                          "raise --cpus-per-gpu")
     script = render_sbatch(job, slurm)
     if not args.out and not args.run:
         print(script, end="")
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check(job) -> None:
+def check(job):
     """Fail here, not on the cluster: the config must load and the layout must fit nodes x GPUs."""
     from unmask.config import load_config
 
@@ -84,3 +94,4 @@ def check(job) -> None:
     if world % model_parallel:
         raise UnmaskError(f"{job.nodes} node(s) x {job.procs_per_node} = {world} processes is not divisible by "
                           f"parallel.tp * parallel.pp = {model_parallel}")
+    return cfg

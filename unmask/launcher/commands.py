@@ -40,7 +40,9 @@ class Slurm:
     signal_seconds: int = 300  # SIGUSR1 this long before the time limit: the budget for a checkpoint save
     launcher: Literal["torchrun", "srun"] = "torchrun"  # srun: one task per GPU, ranks from SLURM_*
     gpus: bool = True  # False on CPU clusters: request tasks only, no GPUs
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # default: cpus_per_gpu per training process of the task
+    cpus_per_gpu: int = 8  # cores per training process (its loader workers and threads share them)
+    env: dict[str, str] = field(default_factory=dict)  # exported before srun (launch.env); the job's own wins
     output: str = "%x-%j.out"
     workdir: str = field(default_factory=lambda: str(Path.cwd()))
     python: str = sys.executable
@@ -86,7 +88,9 @@ def render_sbatch(job: Job, slurm: Slurm, entry: list[str] | None = None) -> str
     directives = [f"--job-name={slurm.job_name or job.name}", f"--nodes={job.nodes}",
                   f"--ntasks-per-node={per_node}"]
     directives += [f"--gpus-per-node={job.procs_per_node}"] if slurm.gpus else []
-    directives += [f"--cpus-per-task={slurm.cpus_per_task}"] if slurm.cpus_per_task else []
+    # Under cgroups a task gets only the cores it asks for: the torchrun task holds every rank of its node.
+    procs_per_task = job.procs_per_node if slurm.launcher == "torchrun" else 1
+    directives += [f"--cpus-per-task={slurm.cpus_per_task or slurm.cpus_per_gpu * procs_per_task}"]
     directives += [f"--time={slurm.time}"]
     directives += [f"--partition={slurm.partition}"] if slurm.partition else []
     directives += [f"--account={slurm.account}"] if slurm.account else []
@@ -95,7 +99,8 @@ def render_sbatch(job: Job, slurm: Slurm, entry: list[str] | None = None) -> str
     values = {"title": f"{job.nodes} node(s) x {job.procs_per_node} process(es): {shlex.join(job.train_args())}",
               "directives": "\n".join(f"#SBATCH {d}" for d in directives),
               "signal_seconds": str(slurm.signal_seconds), "signal_path": path,
-              "requeue_code": str(REQUEUE_EXIT_CODE), "srun_command": shlex.join(command)}
+              "requeue_code": str(REQUEUE_EXIT_CODE), "srun_command": shlex.join(command),
+              "exports": "\n".join(f'export {k}="${{{k}:-{v}}}"' for k, v in slurm.env.items())}
     return fill(resources.files("unmask.launcher").joinpath("templates/sbatch.sh").read_text(), values)
 
 
