@@ -38,7 +38,8 @@ def test_sbatch_torchrun_launcher():
                  "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu", "#SBATCH --chdir=/w", "#SBATCH --requeue",
                  "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@600", "#SBATCH --qos=high",
                  "#SBATCH --cpus-per-task=64",  # 8 cores for each of the task's 8 ranks
-                 "srun --kill-on-bad-exit=1 /env/bin/python -m unmask.launcher.agent --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d "
+                 "srun --kill-on-bad-exit=1 /env/bin/python -m unmask.launcher.agent --nnodes 4 --nproc_per_node 8 "
+                 "--rdzv_backend c10d "
                  "-m unmask train configs/tiny.toml --train.steps=5",
                  f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]; then', '  scontrol requeue "$SLURM_JOB_ID"']:
         assert line in script.splitlines(), line
