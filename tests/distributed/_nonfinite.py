@@ -10,7 +10,6 @@ import json
 import sys
 
 import torch
-
 from _parallel_common import SPECIAL, make_cfg, rank_batches, write_result
 
 

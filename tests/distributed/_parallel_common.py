@@ -70,7 +70,7 @@ def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
     for r in ranks:  # held-out rows strided like the loader
         per_seq, counts = engine.eval_terms(x0[r::split], 2, 123)
         terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
-    return {"loss": losses, "grad_norm": norms, "eval": engine.all_reduce_dp(terms), "dims": dims}
+    return {"loss": losses, "grad_norm": norms, "eval": engine.all_reduce_dp(terms), "dims": dims, "engine": engine}
 
 
 def write_result(result: dict) -> None:
