@@ -106,6 +106,13 @@ def test_nan_steps_are_skipped_and_counted(tiny_shards, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_no_checkpoint_is_written_from_a_skipped_step(tiny_shards, tmp_path, monkeypatch):
+    nan_at({7}, monkeypatch)  # step 8 (0-based 7) is skipped: its interval save moves to step 9
+    run(tiny_shards, tmp_path, "--checkpoint.keep_last=9")
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == ["step-00000004", "step-00000009", "step-00000012"]
+
+
 def test_k_bad_steps_in_a_row_roll_back_with_scaled_lr(tiny_shards, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = MaskedDiffusion.loss
