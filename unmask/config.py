@@ -149,7 +149,19 @@ class ParallelConfig(Section):
     engine: Literal["local", "deepspeed"] = Field("local", description="local: plain torch; deepspeed")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     cpu_offload: bool = Field(False, description="ZeRO optimizer-state offload to CPU")
-    sequence_parallel: bool = Field(False, description="megatron sequence parallelism (GPU only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        # Removed: it was validated but never wired into an engine. Checkpoints written before the removal
+        # carry `sequence_parallel = false` in their saved config; that no-op value is dropped so they still load.
+        if isinstance(data, dict) and "sequence_parallel" in data:
+            if data["sequence_parallel"] is not False:
+                raise ValueError("parallel.sequence_parallel was removed (unmask never ran megatron sequence "
+                                 "parallelism); delete the key, and use parallel.activation_checkpointing=true to "
+                                 "save activation memory")
+            data = {k: v for k, v in data.items() if k != "sequence_parallel"}
+        return data
 
 
 # Set in every rank before init_process_group (unless already set) and exported by the sbatch script.

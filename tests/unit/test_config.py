@@ -71,3 +71,16 @@ def test_derived_values():
     cfg = load_config(None, ["--diffusion.objective=ar", "--data.train_dir=out/shards/train"])
     assert cfg.causal and not load_config(None).causal
     assert cfg.tokenizer_path == Path("out/shards/tokenizer.model")
+
+
+def test_removed_sequence_parallel_says_so_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--parallel.sequence_parallel=true"])
+    msg = str(e.value)
+    assert "\n" not in msg and "parallel.sequence_parallel was removed" in msg
+    assert "activation_checkpointing" in msg, msg
+    # Checkpoints saved before the removal hold its default; they still load.
+    from unmask.config import load_config_text
+
+    cfg = load_config_text("[parallel]\nsequence_parallel = false\ntp = 2\n", where="old meta.json")
+    assert cfg.parallel.tp == 2 and "sequence_parallel" not in cfg.to_toml()

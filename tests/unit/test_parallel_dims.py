@@ -26,7 +26,6 @@ DS = {"engine": "deepspeed"}
     (2, {}, {}, {}, ["world size=2", "parallel.engine"]),
     (1, {"tp": 1, "zero_stage": 2}, {}, {}, ["parallel.zero_stage=2", "deepspeed"]),
     (1, {**DS, "cpu_offload": True}, {}, {}, ["parallel.cpu_offload", "zero_stage"]),
-    (2, {**DS, "tp": 2, "sequence_parallel": True}, {}, {}, ["parallel.sequence_parallel", "GPU"]),
     (2, {**DS, "pp": 2, "zero_stage": 2}, {}, {}, ["parallel.zero_stage=2", "parallel.pp=2"]),
     (2, {**DS, "pp": 2}, {}, {"dtype": "bf16"}, ["train.dtype=bf16", "zero_stage=1"]),
     (2, {**DS, "pp": 2}, {"tie_embeddings": True}, {}, ["model.tie_embeddings"]),

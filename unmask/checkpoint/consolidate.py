@@ -4,8 +4,9 @@ A checkpoint folder (or a run dir -> its newest checkpoint that matches its mani
 - LocalEngine: `engine/engine.pt`["model"];
 - DeepSpeed: per tensor-parallel rank, the module state (`mp_rank_XX_model_states.pt`), or DeepSpeed's own
   `zero_to_fp32` over that rank's ZeRO partitions when the module holds no full fp32 copy (ZeRO-3 placeholders,
-  bf16 weights with fp32 masters); pipeline stages from their `layer_XX-model_YY-model_states.pt` files. Tensor
-  shards are concatenated along the dimension unmask.parallel.tensor split them on.
+  bf16 weights with fp32 masters); pipeline stages from their `layer_XX-model_YY-model_states.pt` files, or in
+  bf16 from each stage's ZeRO optimizer files (the fp32 masters). Activation checkpointing's wrapper prefix is
+  dropped from names. Tensor shards are concatenated along the dimension unmask.parallel.tensor split them on.
 The result is checked against the model the saved config builds, so a wrong or partial checkpoint fails here,
 with the path, rather than later.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unmask.checkpoint.reshard import WRAPPED
 from unmask.checkpoint.store import STEP_DIR, verify
 from unmask.config import Config, load_config_text
 from unmask.data.special import SpecialTokens
@@ -55,8 +57,10 @@ def resolve(path: str | Path) -> Path:
                           "their manifest.json); train first or pass a checkpoint folder")
 
 
-def load_checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """(the run's config, full fp32 state dict in plain keys) of a verified checkpoint."""
+def load_checkpoint_weights(path: str | Path, masters: bool = True) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(the run's config, full fp32 state dict in plain keys) of a verified checkpoint. `masters=False` reads the
+    module's own weights as DeepSpeed saved them instead (bf16 values in a bf16 run; not kept under ZeRO-3), which
+    the fp32 masters must round to exactly."""
     step = resolve(path)
     meta = json.loads((step / "meta.json").read_text())
     cfg = load_config_text(meta["config"], where=str(step / "meta.json"))
@@ -64,7 +68,7 @@ def load_checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.T
     if (engine / "engine.pt").is_file():
         state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
     else:
-        state = _deepspeed_state(engine, cfg)
+        state = _deepspeed_state(engine, cfg, masters)
     return cfg, _checked(state, cfg, step)
 
 
@@ -86,7 +90,7 @@ def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 
 
-def _deepspeed_state(engine: Path, cfg: Config) -> dict[str, torch.Tensor]:
+def _deepspeed_state(engine: Path, cfg: Config, masters: bool = True) -> dict[str, torch.Tensor]:
     if not engine.is_dir() or not any(engine.iterdir()):
         raise CheckpointError(f"{engine} holds no engine files (neither engine.pt nor DeepSpeed shards)")
     layer_files = [p for p in engine.iterdir() if _LAYER_FILE.match(p.name)]
@@ -97,7 +101,8 @@ def _deepspeed_state(engine: Path, cfg: Config) -> dict[str, torch.Tensor]:
     if tp != cfg.parallel.tp:
         raise CheckpointError(f"{engine} holds {tp} tensor-parallel shards but its config says parallel.tp="
                               f"{cfg.parallel.tp}: the checkpoint is incomplete")
-    shards = [_pipeline_rank(engine, r, cfg) if layer_files else _rank_state(engine, r) for r in range(tp)]
+    shards = [_pipeline_rank(engine, r, cfg, masters) if layer_files else _rank_state(engine, r, masters)
+              for r in range(tp)]
     return shards[0] if tp == 1 else _merge_tp(shards)
 
 
@@ -106,53 +111,74 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _rank_state(engine: Path, mp: int) -> dict[str, torch.Tensor]:
+def _rank_state(engine: Path, mp: int, masters: bool = True) -> dict[str, torch.Tensor]:
     """One tensor-parallel rank's full (data-parallel gathered) module state."""
     files = sorted(engine.glob(f"*mp_rank_{mp:02d}_model_states.pt"))
     first = _load(files[0])
     stage = first.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     module = {k: v for k, v in (first.get("module") or {}).items() if v is not None}
     full_fp32 = stage < 3 and module and all(v.dtype == torch.float32 for v in module.values())
-    if full_fp32:
+    if full_fp32 or (module and stage < 3 and not masters):
         return module
     return _zero_to_fp32(engine, mp)
 
 
-def _zero_to_fp32(engine: Path, mp: int) -> dict[str, torch.Tensor]:
-    """DeepSpeed's zero_to_fp32 over this tensor-parallel rank's files only (it globs a whole folder)."""
+def _zero_to_fp32(engine: Path, mp: int, module_in_layer_files: bool = False) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 over this model-parallel rank's files only (it globs a whole folder), in the
+    plain module's names: activation checkpointing wraps blocks before `deepspeed.initialize`, so DeepSpeed
+    records `_checkpoint_wrapped_module.` in its parameter names. A pipeline stage keeps its module in layer
+    files (`module` is None in its model-states file, which zero_to_fp32 cannot read): the view gets a copy
+    of that small file with an empty module, since only its parameter shapes are needed."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="unmask-zero-") as tmp:
         view = Path(tmp) / "engine"
         view.mkdir()
         for f in engine.iterdir():
-            if f"mp_rank_{mp:02d}" in f.name:
+            if f"mp_rank_{mp:02d}_" not in f.name:
+                continue
+            if module_in_layer_files and f.name.endswith("model_states.pt"):
+                states = _load(f)
+                torch.save({**states, "module": {}, "optimizer": None}, view / f.name)
+            else:
                 (view / f.name).symlink_to(f.resolve())
         try:
             # It prints summaries and progress bars; the export prints its own one line.
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="engine"))
+                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="engine")
         except Exception as e:  # noqa: BLE001 - any failure inside DeepSpeed means the shards do not fit together
-            raise CheckpointError(f"{engine}: DeepSpeed could not gather the ZeRO partitions of tensor-parallel "
+            raise CheckpointError(f"{engine}: DeepSpeed could not gather the ZeRO partitions of model-parallel "
                                   f"rank {mp} ({type(e).__name__}: {e})") from None
+    return {k.replace(WRAPPED, ""): v for k, v in state.items()}
 
 
-def _pipeline_rank(engine: Path, mp: int, cfg: Config) -> dict[str, torch.Tensor]:
-    """Pipeline layer files -> plain keys: layer 0 the embedding, 1..n the blocks, n+1 the norm and head."""
-    n = cfg.model.n_layers
-    state: dict[str, torch.Tensor] = {}
+def _pipeline_rank(engine: Path, tp_rank: int, cfg: Config, masters: bool = True) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's pipeline stages -> plain keys: layer 0 the embedding, 1..n the blocks, n+1 the
+    norm and head. fp32 weights come from the layer files; bf16 runs' fp32 masters from the ZeRO optimizer files
+    of each stage (DeepSpeed's model-parallel rank of stage s is s * tp + tp_rank)."""
+    layers: dict[str, torch.Tensor] = {}
     for f in sorted(engine.iterdir()):
         m = _LAYER_FILE.match(f.name)
-        if not m or int(m.group(2)) != mp:
-            continue
-        idx = int(m.group(1))
-        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-            if v is None or "_extra_state" in k:
-                continue
-            state[f"layers.{idx - 1}.{k.removeprefix('block.')}" if 1 <= idx <= n else k] = v
-    if any(v.dtype != torch.float32 for v in state.values()):
-        warnings.warn(f"{engine}: pipeline checkpoints are exported from their {cfg.train.dtype} module weights "
-                      "(fp32 masters of pipeline stages are not gathered)", stacklevel=2)
+        if m and int(m.group(2)) == tp_rank:
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                if v is not None and "_extra_state" not in k:
+                    layers[f"{int(m.group(1))}.{k}"] = v
+    if masters and any(v.dtype != torch.float32 for v in layers.values()):
+        tp = cfg.parallel.tp
+        layers = {}
+        for stage in range(cfg.parallel.pp):
+            mp = stage * tp + tp_rank
+            if not any(engine.glob(f"*mp_rank_{mp:02d}_optim_states.pt")):
+                raise CheckpointError(f"{engine}: the {cfg.train.dtype} pipeline stage {stage} (tensor rank "
+                                      f"{tp_rank}) has no optimizer files with its fp32 master weights; the "
+                                      "checkpoint is incomplete")
+            layers.update(_zero_to_fp32(engine, mp, module_in_layer_files=True))
+    n = cfg.model.n_layers
+    state: dict[str, torch.Tensor] = {}
+    for key, v in layers.items():
+        idx, _, k = key.partition(".")
+        k = k.replace(WRAPPED, "")
+        state[f"layers.{int(idx) - 1}.{k.removeprefix('block.')}" if 1 <= int(idx) <= n else k] = v
     return state
 
 

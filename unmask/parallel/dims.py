@@ -56,9 +56,9 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def validate_layout(cfg: Config, world: int, gpu: bool | None = None) -> ParallelDims:
-    """Check the layout against the world size and the model shape; raise one ConfigError line naming the fix."""
+    """Check the layout against the world size and the model shape; raise one ConfigError line naming the fix.
+    (`gpu` is accepted for callers that pass it; no layout option depends on the device any more.)"""
     p, m = cfg.parallel, cfg.model
-    gpu = torch.cuda.is_available() if gpu is None else gpu
     if world % (p.tp * p.pp):
         raise ConfigError(f"world size {world} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}; "
                           f"launch a multiple of {p.tp * p.pp} processes or change parallel.tp/parallel.pp")
@@ -86,13 +86,6 @@ def validate_layout(cfg: Config, world: int, gpu: bool | None = None) -> Paralle
             raise ConfigError("parallel.cpu_offload=true needs parallel.engine=\"deepspeed\" and zero_stage >= 1")
     if p.cpu_offload and p.zero_stage == 0:
         raise ConfigError("parallel.cpu_offload=true needs parallel.zero_stage >= 1 (ZeRO offloads its partitions)")
-    if p.sequence_parallel and not gpu:
-        raise ConfigError("parallel.sequence_parallel=true is GPU-only (megatron calls torch.cuda); "
-                          "set it to false on CPU")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true is not wired into unmask's engines yet; set it to false")
     if p.pp > 1:
         if p.zero_stage > 1:
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed pipelines "

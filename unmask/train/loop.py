@@ -32,6 +32,7 @@ from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
 from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims, setup_parallel
+from unmask.train.batches import tensor_parallel_batches
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes
 from unmask.train.preemption import Preemption
 from unmask.train.report import Reporter
@@ -64,7 +65,8 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
     stage = stage or Pretrain()
     cfg, init_state = stage.prepare(cfg, init_state)
     dims, run_dir, device = start_run(cfg)
-    loader = make_loader(cfg, dims, cfg.data.train_dir, loop=True)
+    # Tensor-parallel peers share one reader (unmask/train/batches.py); `loader` is its view for this rank.
+    loader = tensor_parallel_batches(make_loader(cfg, dims, cfg.data.train_dir, loop=True), dims)
     special = loader.manifest.special
     val_batches = load_validation(cfg, dims)
     engine = build_components(cfg, dims, device, special, init_state, stage.wrap_objective).engine
