@@ -82,7 +82,8 @@ class ShardLoader:
         self._n = 0  # batches this rank consumed since _base (loop=True) / position within the pass (loop=False)
         self._resume: int | None = None  # loop=False: a loaded position, used by the next iter() only
         self._skipped: dict[str, str] = {}
-        self.source_tokens: dict[str, int] = {s.name: 0 for s in self.sources}  # non-padding tokens, this rank
+        self.rank_source_tokens: dict[str, int] = {s.name: 0 for s in self.sources}  # non-padding, this rank
+        self._source_samples = np.zeros(len(self.sources), dtype=np.int64)  # all ranks, from the blend
         self.shard_reads: Counter = Counter()  # (source, epoch, shard) -> reads by this rank's workers
         self.bytes_read = 0
 
@@ -94,6 +95,18 @@ class ShardLoader:
     def position(self) -> int:
         """Samples consumed by all ranks together (the same on every rank)."""
         return self._base + self._n * self.batch_size * self.world if self.loop else self._n
+
+    @property
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens (samples x seq_len) drawn from each source by all ranks together: the mixture as trained.
+        Exact and the same on every rank (the blend is a function of the global position); for metrics.jsonl."""
+        return {s.name: int(c) * s.manifest.seq_len for s, c in zip(self.sources, self._source_samples, strict=True)}
+
+    def log_fields(self) -> dict[str, int]:
+        """`tokens_<source>` per source of a mixture, for the metrics row (none for a single source)."""
+        if len(self.sources) == 1:
+            return {}
+        return {f"tokens_{s.label}": n for s, n in zip(self.sources, self.source_tokens.values(), strict=True)}
 
     @property
     def skipped_shards(self) -> int:
@@ -117,7 +130,9 @@ class ShardLoader:
                 self.shard_reads[(self.sources[src].name, epoch, shard)] += 1
                 self.bytes_read += size
             for src, n in enumerate(src_tokens):
-                self.source_tokens[self.sources[src].name] += int(n)
+                self.rank_source_tokens[self.sources[src].name] += int(n)
+            step = self.batch_size * self.world
+            self._source_samples += self._blend.counts(np.arange(self.position, self.position + step))
             self._n += 1
             yield tokens
 
@@ -154,7 +169,8 @@ class ShardLoader:
                 "sources": [[s.name, s.weight, s.manifest.num_samples] for s in self.sources],
                 "dp_world": self.world, "batch_size": self.batch_size, "workers": max(self.num_workers, 1),
                 "base": self._base, "batches": self._n, "plans": [p.to_state() for p in self._plans],
-                "source_tokens": dict(self.source_tokens), "skipped_shards": sorted(self._skipped)}
+                "source_samples": self._source_samples.tolist(), "rank_source_tokens": dict(self.rank_source_tokens),
+                "skipped_shards": sorted(self._skipped)}
 
     def load_state_dict(self, sd: dict) -> None:
         mine = self.state_dict()
@@ -173,7 +189,8 @@ class ShardLoader:
         if [s[:2] for s in sd["sources"]] != [[s.name, s.weight] for s in self.sources]:
             raise DataError(f"loader state has sources {sd['sources']} but this run reads "
                             f"{mine['sources']}; a mixture cannot change in the middle of a run")
-        self.source_tokens.update(sd.get("source_tokens", {}))
+        self.rank_source_tokens.update(sd.get("rank_source_tokens", {}))
+        self._source_samples = np.asarray(sd.get("source_samples", self._source_samples), dtype=np.int64)
         plans = [Plan.from_state(seq, self.mix_shards, p) for seq, p in zip(self._seqs, sd["plans"], strict=True)]
         old = (int(sd["dp_world"]), int(sd["workers"]), int(sd["batch_size"]))
         if old == (self.world, max(self.num_workers, 1), self.batch_size):

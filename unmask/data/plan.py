@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 class ShardSequence:
     """The endless shard sequence of one source (a pure function of its sample counts, seed and shuffle)."""
 

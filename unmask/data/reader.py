@@ -47,7 +47,9 @@ def _open(where: str):
         import fsspec
     except ImportError:  # pragma: no cover - a declared dependency
         raise DataError(f"{where}: reading URLs needs fsspec; `pip install 'fsspec[http]'`") from None
-    return fsspec.open(where, "rb").open()
+    # block_size=0 streams http(s) in one request: no range requests, which plain servers may not support
+    opts = {"block_size": 0} if where.startswith(("http://", "https://")) else {}
+    return fsspec.open(where, "rb", **opts).open()
 
 
 def read_bytes(where: str, retries: int = 3, backoff: float = 0.5) -> bytes:
@@ -65,8 +67,13 @@ def stream_blocks(where: str, retries: int = 3, backoff: float = 0.5) -> Iterato
                     blocks.append(block)
             yield from blocks
             return
-        except FileNotFoundError as e:
-            raise DataError(f"{where} does not exist ({e}); check data.train_dir / data.sources") from None
+        except FileNotFoundError:
+            if not is_url(where):
+                raise DataError(f"{where} does not exist; check data.train_dir / data.sources") from None
+            if attempt == retries:  # fsspec also says this when the server cannot be reached
+                raise DataError(f"cannot read {where} after {attempt + 1} attempt(s) (not found or unreachable); "
+                                "check the URL and the network, or raise data.retries") from None
+            time.sleep(backoff * 2**attempt)
         except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
             if not is_url(where) or attempt == retries:
                 why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"

@@ -7,6 +7,7 @@ to the first source, or `tokenizer_path`), and the first one that differs stops 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,13 @@ class Source:
     @property
     def name(self) -> str:
         return self.location.rstrip("/")
+
+    @property
+    def label(self) -> str:
+        """A metric-name-safe label: the split's folder name, or its parent's for train/val folders."""
+        parts = [p for p in re.split(r"[/\\]", self.name) if p]
+        pick = parts[-2] if len(parts) > 1 and parts[-1] in ("train", "val") else parts[-1]
+        return re.sub(r"[^A-Za-z0-9_]", "_", pick)
 
 
 def load_sources(spec: list[tuple[str, float]], *, seq_len: int, model_vocab_size: int,
