@@ -28,9 +28,9 @@ class Source:
 
     @property
     def label(self) -> str:
-        """A metric-name-safe label: the split's folder name, or its parent's for train/val folders."""
+        """A metric-name-safe label: the split's folder name, `<parent>_<split>` for train/val folders."""
         parts = [p for p in re.split(r"[/\\]", self.name) if p]
-        pick = parts[-2] if len(parts) > 1 and parts[-1] in ("train", "val") else parts[-1]
+        pick = "_".join(parts[-2:]) if len(parts) > 1 and parts[-1] in ("train", "val") else parts[-1]
         return re.sub(r"[^A-Za-z0-9_]", "_", pick)
 
 
