@@ -90,3 +90,16 @@ def test_each_shard_is_read_and_hashed_once_per_epoch(tiny_shards, monkeypatch):
     assert sorted(epoch0.values()) == [1] * len(m.shards)
     assert sum(hashed) == ld.bytes_read  # every byte read was hashed once, none re-read to hash it
     assert ld.bytes_read <= sum(s.bytes for s in m.shards) + 2 * max(s.bytes for s in m.shards)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_flipped_byte_stops_training_reads_naming_the_shard(tiny_shards, tmp_path, workers):
+    shutil.copytree(tiny_shards, tmp_path / "data")
+    split = tmp_path / "data" / "train"
+    shard = read_manifest(split).shards[3]
+    data = bytearray((split / shard.name).read_bytes())
+    data[1700] ^= 0x01  # inside sample 1's tokens: the tar stays parseable
+    (split / shard.name).write_bytes(bytes(data))
+    ld = ShardLoader(split, 8, seq_len=128, model_vocab_size=512, num_workers=workers, mix_shards=2)
+    with pytest.raises(DataError, match=rf"shard .*{shard.name} is corrupted"):
+        list(itertools.islice(iter(ld), 400))
