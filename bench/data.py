@@ -7,7 +7,10 @@
    (worker start-up and the first group's read) is left out of the timing.
 3. One training step of the `small` preset: forward + backward on a [batch, seq_len] batch, tokens/s.
 The ratio loader-tokens/s-per-worker / training-tokens/s says how many training processes one loader
-worker could feed (target >= 50). Prints figures; asserts nothing.
+worker could feed (target >= 50).
+4. Bytes read per rank per epoch at a simulated 64 ranks x 2 workers, computed from the read plans (no data read):
+   the previous global-order loader (every worker reads every shard of every group it has a sample in) against the
+   dealt slots (each shard read by one worker of one rank). Prints figures; asserts nothing.
 
     python bench/data.py [--batch 8] [--seq-len 256] [--epochs 2] [--steps 4]
 """
@@ -26,7 +29,9 @@ import torch.nn.functional as F
 from unmask.config import ModelConfig
 from unmask.data.corpora import fetch_shakespeare
 from unmask.data.loader import ShardLoader
+from unmask.data.plan import ShardSequence
 from unmask.data.prepare import PrepareOptions, prepare_data
+from unmask.data.shards import read_manifest
 from unmask.model.build import build_model
 
 CACHE = Path(os.environ.get("UNMASK_CACHE_DIR", Path.home() / ".cache" / "unmask"))
@@ -41,6 +46,21 @@ def loader_tokens_per_s(split: Path, batch: int, seq_len: int, vocab: int, worke
     for _ in range(batches):
         next(it)
     return batches * batch * seq_len / (time.perf_counter() - t0) / max(workers, 1)
+
+
+def bytes_per_rank_per_epoch(split: Path, ranks: int, workers: int) -> tuple[float, float]:
+    """(previous loader, dealt slots): mean bytes each rank reads in one epoch, from the shard lists alone."""
+    m = read_manifest(split)
+    sizes = [s.bytes for s in m.shards]
+    # previous loader: a group of `mix` shuffled shards holds samples of every worker, and each reads all of it
+    old = sum(sizes) * workers
+    seq = ShardSequence([s.samples for s in m.shards], seed=0, shuffle=True)
+    slots = ranks * workers  # the dealing of plan.Plan: place j goes to slot j % slots
+    per_slot = [0] * slots
+    for j in range(len(sizes)):  # epoch 0's places: each read by the one slot it is dealt to
+        per_slot[j % slots] += sizes[seq.shard(j)]
+    per_rank = [sum(per_slot[r * workers:(r + 1) * workers]) for r in range(ranks)]
+    return float(old), sum(per_rank) / ranks
 
 
 def train_tokens_per_s(batch: int, seq_len: int, steps: int) -> float:
@@ -80,6 +100,11 @@ def main() -> None:
               f"{r.tokenize_seconds:.2f} s = {r.mb_per_s:.2f} MB/s ({os.cpu_count()} workers)")
         per_worker = loader_tokens_per_s(out / "train", args.batch, args.seq_len, args.vocab_size, 1, args.epochs)
         in_process = loader_tokens_per_s(out / "train", args.batch, args.seq_len, args.vocab_size, 0, args.epochs)
+        total = sum(s.bytes for s in r.train.shards)
+        old, new = bytes_per_rank_per_epoch(out / "train", 64, 2)
+        print(f"reads at 64 ranks x 2 workers, {len(r.train.shards)} shards, {total / 1e6:.1f} MB per epoch: "
+              f"previous loader {old / 1e6:.1f} MB per rank ({64 * old / total:.0f}x the data per job); dealt "
+              f"slots {new / 1e6:.2f} MB per rank ({64 * new / total:.2f}x)")
     print(f"loader: {per_worker:,.0f} tokens/s per worker process ({in_process:,.0f} tokens/s in-process)")
     train = train_tokens_per_s(args.batch, args.seq_len, args.steps)
     print(f"training: `small` preset forward+backward on [{args.batch}, {args.seq_len}]: {train:,.0f} tokens/s")

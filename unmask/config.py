@@ -94,10 +94,22 @@ class DiffusionConfig(Section):
     prompt_conditioned: bool = Field(False, description="never mask prompt tokens (SFT); needs prompt masks")
 
 
+class SourceConfig(Section):
+    """One source of a weighted training mixture (`[[data.sources]]`)."""
+
+    path: str = Field(..., description="split directory or URL (http(s)://, s3://) with manifest.json and shards")
+    weight: float = Field(..., gt=0, description="share of the training samples drawn from it (normalised)")
+
+
 class DataConfig(Section):
     """Tokenized shards written by `unmask prepare-data`."""
 
-    train_dir: str = Field("data/shards/train", description="directory with manifest.json and .tar shards")
+    train_dir: str = Field("data/shards/train",
+                           description="directory or URL (http(s)://, s3://) with manifest.json and .tar shards")
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="weighted mixture [[data.sources]] path/weight; replaces train_dir"
+    )
+    retries: int = Field(3, ge=0, description="retries of a failed remote read (backoff 0.5 s, doubling)")
     val_dir: str | None = Field("data/shards/val", description="validation shards; none disables validation")
     num_workers: int = Field(0, ge=0, description="loader worker processes per rank")
     mix_shards: int = Field(

