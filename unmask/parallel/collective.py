@@ -83,12 +83,13 @@ def broadcast_(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, group=None):
+    """`obj` of global rank `src` on every rank of `group`."""
     # torch's object collectives place their byte tensors on the current CUDA device under NCCL themselves
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 

@@ -6,9 +6,9 @@ micro-batch is broadcast to its peers over the tensor-parallel group. The batch 
 (`ShardLoader(loop=True)` yields full [batch_size, seq_len] batches, straddling epochs), so peers receive into a
 preallocated tensor, one collective per micro-batch.
 
-Checkpoints stay per-rank restorable: a peer that does not read counts the batches it received and reports the
-position its reader has, so every rank saves the same loader state as before and any of them can resume a
-reading rank under another layout (unmask/checkpoint/reshard.py checks that all positions agree).
+Checkpoints stay per-rank restorable: at a save, a peer that does not read receives its reader's whole loader state
+(position and per-worker shard deals), so every rank saves the same loader state as before and any of them can
+resume a reading rank under another layout (unmask/checkpoint/reshard.py checks that all positions agree).
 """
 
 from __future__ import annotations
@@ -19,15 +19,8 @@ import torch
 import torch.distributed as dist
 
 from unmask.data.loader import ShardLoader
+from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims
-
-
-def collective_device(group) -> torch.device:
-    """Where tensors handed to a collective on `group` must live: CUDA under NCCL, else the CPU.
-    (The same rule as unmask.parallel.collective's device declaration; use that one once it is there.)"""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def tensor_parallel_batches(loader: ShardLoader, dims: ParallelDims):
@@ -39,7 +32,7 @@ def tensor_parallel_batches(loader: ShardLoader, dims: ParallelDims):
 
 class TensorParallelBatches:
     """The loop's view of a ShardLoader when tp > 1: iteration reads (tp rank 0) or receives (its peers); state,
-    manifest and counters are the loader's, with the position kept here on the peers that do not read."""
+    manifest and counters are the reader's."""
 
     def __init__(self, loader: ShardLoader, dims: ParallelDims):
         from megatron.core import parallel_state as ps
@@ -48,8 +41,7 @@ class TensorParallelBatches:
             raise ValueError("tensor-parallel batch sharing needs a looping loader (fixed batch shape)")
         self.loader, self.reads = loader, dims.tp_rank == 0
         self.group, self.src = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
-        self.device = collective_device(self.group)
-        self._position = loader.state_dict()["position"]  # peers' count of the reader's position
+        self.device = collective.collective_device(self.group)
 
     @property
     def manifest(self):
@@ -59,30 +51,26 @@ class TensorParallelBatches:
     def skipped_shards(self) -> int:
         return self.loader.skipped_shards
 
+    def log_fields(self) -> dict:
+        return self.loader.log_fields()  # logged by global rank 0, a reader
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         shape = (self.loader.batch_size, self.manifest.seq_len)
-        step = self.loader.batch_size * self.loader.world
         if self.reads:
             for tokens in self.loader:
                 if tuple(tokens.shape) != shape:
                     raise RuntimeError(f"loader batch {tuple(tokens.shape)} != {shape}: tensor-parallel peers "
                                        "receive fixed-shape batches")
-                buf = tokens.to(self.device)
-                dist.broadcast(buf, src=self.src, group=self.group)
+                collective.broadcast_(tokens, src=self.src, group=self.group)
                 yield tokens
         else:
             while True:
-                buf = torch.empty(shape, dtype=torch.long, device=self.device)
-                dist.broadcast(buf, src=self.src, group=self.group)
-                self._position += step
-                yield buf.cpu()
+                yield collective.broadcast_(torch.empty(shape, dtype=torch.long), src=self.src, group=self.group)
 
     def state_dict(self) -> dict:
-        sd = self.loader.state_dict()
-        if not self.reads:
-            sd.update(position=self._position, epoch=self._position // self.manifest.num_samples)
-        return sd
+        """The reader's state on every rank of the group (every rank calls this when a checkpoint is saved)."""
+        return collective.broadcast_object(self.loader.state_dict() if self.reads else None, src=self.src,
+                                           group=self.group)
 
     def load_state_dict(self, sd: dict) -> None:
         self.loader.load_state_dict(sd)
-        self._position = int(sd["position"])
