@@ -21,18 +21,18 @@ pytestmark = pytest.mark.distributed
 # (each rank runs its own loader) to compare against.
 SCRIPT = textwrap.dedent("""
     import json, os, sys
-    import unmask.data.loader as loader_mod
+    from pathlib import Path
+    import unmask.data.stream as stream_mod
     import unmask.train.loop as loop
     from unmask.cli import main
 
     out, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     opened = []
-    verified = loader_mod._Worker.verified
-    def counting(self, path, shard):
-        if path.parent.name == "train":  # validation batches are read once at the start, by every rank
-            opened.append(shard.name)
-        return verified(self, path, shard)
-    loader_mod._Worker.verified = counting
+    verified = stream_mod.verified_shard  # the training stream's one read of a shard
+    def counting(where, *args):
+        opened.append(Path(where).name)
+        return verified(where, *args)
+    stream_mod.verified_shard = counting
     if mode == "every-rank-reads":
         loop.tensor_parallel_batches = lambda loader, dims: loader
     code = main(["train", *args])
