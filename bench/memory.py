@@ -141,13 +141,38 @@ def layout_cfg(size: str, vocab: int, seq_len: int, layout: str):
 
     return load_config(None, [f"--model.size={size}", f"--model.vocab_size={vocab}", f"--train.seq_len={seq_len}",
                               "--train.micro_batch_size=1", "--train.grad_accum=1", "--optim.warmup_steps=0",
-                              *LAYOUTS[layout][1]])
+                              "--model.tie_embeddings=false", *LAYOUTS[layout][1]])  # pp > 1 needs untied
 
 
 def rss_peak() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def probe_construction() -> list[int]:
+    """Record the peak RSS when the engine's model construction returns (before DeepSpeed's own buffers):
+    wraps the three builders the engines call. Returns the list the mark is appended to."""
+    import unmask.engines.build as b
+    import unmask.engines.deepspeed as d
+    import unmask.engines.pipeline as p
+
+    marks: list[int] = []
+
+    def wrap(module, name):
+        inner = getattr(module, name)
+
+        def probed(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            marks.append(rss_peak())
+            return out
+
+        setattr(module, name, probed)
+
+    wrap(b, "build_sharded_model")  # local engine, and the DeepSpeed engine's non-ZeRO-3 share
+    wrap(d, "build_zero3_model")
+    wrap(p, "build_pipeline_module")  # its LayerSpecs build this stage's layers
+    return marks
 
 
 def layout_worker(args) -> None:
@@ -165,11 +190,12 @@ def layout_worker(args) -> None:
     import deepspeed  # noqa: F401  (the runtime's own footprint counts in "start" for every layout)
 
     start = rss_peak()
+    marks = probe_construction()
     eng = build_components(cfg, dims, torch.device("cpu"), SpecialTokens()).engine
     built = rss_peak()
     x0 = torch.randint(5, cfg.model.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(dims.rank))
     eng.train_step([x0], [BatchKey(0, 0, dims.dp_rank, dims.dp, dims.dp)])
-    row = {"start": start, "build": built, "step": rss_peak()}
+    row = {"start": start, "model": marks[0], "build": built, "step": rss_peak()}
     rows = [row]
     if dist.is_initialized() and dist.get_world_size() > 1:
         rows = [None] * dist.get_world_size()
@@ -188,7 +214,10 @@ def run_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int 
                f"--layout={layout}"]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT")}
-        proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        # A fixed mmap threshold: glibc otherwise raises it to 32 MB after the first large free, and freed
+        # per-parameter tensors then stay in the heap (fragmentation of the order of GBs, varying per layout).
+        env = {**env, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
@@ -205,8 +234,9 @@ def planned_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: 
 def print_layouts(size: str, vocab: int, seq_len: int, layouts: list[str]) -> None:
     gib = 2**30
     print(f"model {size} (vocab {vocab}), fp32, one step of 1 x {seq_len} tokens; per-rank GiB, largest rank. "
-          "measured = peak RSS (runtime included); planned = the planner's build peak and training total")
-    print(f"{'layout':>6} {'runtime':>8} {'build':>8} {'step':>8} {'x one':>6} | {'planned build':>13} "
+          "measured = peak RSS (runtime included) after imports, model construction, DeepSpeed's initialize and "
+          "one step; planned = the planner's build peak and training total (+ runtime: the max of both)")
+    print(f"{'layout':>6} {'runtime':>8} {'model':>8} {'engine':>8} {'step':>8} {'x one':>6} | {'planned build':>13} "
           f"{'planned total':>13} {'+ runtime':>9}")
     base = None
     for name in layouts:
@@ -215,7 +245,8 @@ def print_layouts(size: str, vocab: int, seq_len: int, layouts: list[str]) -> No
         base = base or (top["step"] if name == "one" else None)
         mem = planned_layout(name, size, vocab, seq_len)
         ratio = f"{top['step'] / base:6.2f}" if base else "     -"
-        print(f"{name:>6} {top['start'] / gib:8.2f} {top['build'] / gib:8.2f} {top['step'] / gib:8.2f} {ratio} | "
+        print(f"{name:>6} {top['start'] / gib:8.2f} {top['model'] / gib:8.2f} {top['build'] / gib:8.2f} "
+              f"{top['step'] / gib:8.2f} {ratio} | "
               f"{mem.build / gib:13.2f} {mem.total / gib:13.2f} {(mem.peak + top['start']) / gib:9.2f}")
 
 

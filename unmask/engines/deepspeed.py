@@ -29,6 +29,14 @@ from unmask.parallel.dims import ParallelDims
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage >= 1:  # buckets sized to the model (plan.memory.zero_bucket), not DeepSpeed's 5e8/1e9
+        from unmask.plan.memory import zero_bucket
+
+        bucket = zero_bucket(cfg.model)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if p.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=bucket, stage3_max_live_parameters=bucket,
+                        stage3_max_reuse_distance=bucket)
     if p.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:

@@ -79,6 +79,13 @@ class Memory:
         return max(self.total, self.build + self.overhead)
 
 
+def zero_bucket(m: ModelConfig) -> int:
+    """Elements in each of DeepSpeed's ZeRO buckets (reduce, all-gather, ZeRO-3 prefetch and live parameters), as
+    unmask's DeepSpeed config sets them: two blocks' worth, at most DeepSpeed's default. The defaults (5e8
+    reduce, 1e9 live) keep a small model gathered whole and cost a 350m-parameter run 2-3x its ZeRO-3 share."""
+    return int(min(DS_BUCKET, max(2 * block_params(m), largest_tensor(m))))
+
+
 def largest_tensor(m: ModelConfig) -> int:
     """Elements of the model's largest full parameter (the one in transit during a sharded build)."""
     return max(m.vocab_size * m.dim, m.ffn_dim * m.dim, m.n_heads * m.head_dim * m.dim, 6 * m.dim * m.cond_dim)
@@ -138,9 +145,10 @@ def estimate(cfg: Config, layout: Layout, seq_len: int | None = None, gpu: bool 
     logits = tokens * m.vocab_size / L.tp * (w + masked * (w + 8))
 
     buffers = 0.0
+    bucket = zero_bucket(m)
     if L.zero in (1, 2):
-        buffers = min(DS_BUCKET, P) * w
-    elif L.zero == 3:  # the block being computed and the prefetched next one, gathered in full
-        buffers = 2 * block_params(m) / L.tp * w + min(DS_BUCKET / 10, P) * w
+        buffers = min(bucket, P) * w
+    elif L.zero == 3:  # the live (gathered) parameters and the reduce bucket
+        buffers = 2 * min(bucket, P) * w
     return Memory(params, grads, master, optimizer, activations, logits, buffers, GPU_OVERHEAD if gpu else 0.0,
                   build_peak(m, L))
