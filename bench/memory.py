@@ -13,6 +13,12 @@ gradient partition only (the full gradient was freed after its reduce-scatter), 
 full gradient that lives through backward. Prints figures; asserts nothing (tests/distributed checks 20%).
 
     python bench/memory.py [--size small] [--micro 4] [--seq-len 128] [--stages 0,1,2,3]
+
+With --layouts one,tp2,pp2,zero3: the peak RSS of every rank while building the model and taking one step, per
+layout, against the one-process run and the planner's build peak and total (sharded construction, issue 14;
+tests/distributed/test_memory_sharded.py asserts on the same figures).
+
+    python bench/memory.py --layouts one,tp2,pp2,zero3 [--size 350m] [--vocab 1024] [--seq-len 32]
 """
 
 from __future__ import annotations
@@ -121,17 +127,152 @@ def planned(size: str, zero: int, micro: int, seq_len: int) -> tuple[float, floa
     return mem.model_states, mem.activations
 
 
+# Sharded construction (issue 14): peak RSS per rank while building and taking one step, per layout.
+LAYOUTS = {  # name: (processes, config overrides)
+    "one": (1, ["--parallel.engine=local"]),
+    "tp2": (2, ["--parallel.engine=deepspeed", "--parallel.tp=2", "--parallel.zero_stage=0"]),
+    "pp2": (2, ["--parallel.engine=deepspeed", "--parallel.pp=2", "--parallel.zero_stage=0"]),
+    "zero3": (2, ["--parallel.engine=deepspeed", "--parallel.zero_stage=3"]),
+}
+
+
+def layout_cfg(size: str, vocab: int, seq_len: int, layout: str):
+    from unmask.config import load_config
+
+    return load_config(None, [f"--model.size={size}", f"--model.vocab_size={vocab}", f"--train.seq_len={seq_len}",
+                              "--train.micro_batch_size=1", "--train.grad_accum=1", "--optim.warmup_steps=0",
+                              "--model.tie_embeddings=false", *LAYOUTS[layout][1]])  # pp > 1 needs untied
+
+
+def rss_peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def probe_construction() -> list[int]:
+    """Record the peak RSS when the engine's model construction returns (before DeepSpeed's own buffers):
+    wraps the three builders the engines call. Returns the list the mark is appended to."""
+    import unmask.engines.build as b
+    import unmask.engines.deepspeed as d
+    import unmask.engines.pipeline as p
+
+    marks: list[int] = []
+
+    def wrap(module, name):
+        inner = getattr(module, name)
+
+        def probed(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            marks.append(rss_peak())
+            return out
+
+        setattr(module, name, probed)
+
+    wrap(b, "build_sharded_model")  # local engine, and the DeepSpeed engine's non-ZeRO-3 share
+    wrap(d, "build_zero3_model")
+    wrap(p, "build_pipeline_module")  # its LayerSpecs build this stage's layers
+    return marks
+
+
+def layout_worker(args) -> None:
+    """One rank: peak RSS after imports, after building the engine, and after one training step."""
+    import torch.distributed as dist
+
+    from unmask.data.special import SpecialTokens
+    from unmask.diffusion.noise import BatchKey
+    from unmask.engines import build_components
+    from unmask.parallel.dims import setup_parallel
+
+    torch.set_num_threads(1)
+    cfg = layout_cfg(args.size, args.vocab, args.seq_len, args.layout)
+    dims = setup_parallel(cfg)
+    import deepspeed  # noqa: F401  (the runtime's own footprint counts in "start" for every layout)
+
+    start = rss_peak()
+    marks = probe_construction()
+    eng = build_components(cfg, dims, torch.device("cpu"), SpecialTokens()).engine
+    built = rss_peak()
+    x0 = torch.randint(5, cfg.model.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(dims.rank))
+    eng.train_step([x0], [BatchKey(0, 0, dims.dp_rank, dims.dp, dims.dp)])
+    row = {"start": start, "model": marks[0], "build": built, "step": rss_peak()}
+    rows = [row]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+    if dims.rank == 0:
+        Path(args.out).write_text(json.dumps(rows))
+
+
+def run_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32) -> list[dict]:
+    """Launch `layout` (LAYOUTS) with torchrun; returns per rank {"start", "build", "step"} peak RSS bytes."""
+    nproc = LAYOUTS[layout][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rss.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
+               "--layout-worker", "--out", str(out), f"--size={size}", f"--vocab={vocab}", f"--seq-len={seq_len}",
+               f"--layout={layout}"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT")}
+        # A fixed mmap threshold: glibc otherwise raises it to 32 MB after the first large free, and freed
+        # per-parameter tensors then stay in the heap (fragmentation of the order of GBs, varying per layout).
+        env = {**env, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def planned_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32):
+    """The planner's Memory for `layout` (CPU: no CUDA overhead)."""
+    from unmask.plan.memory import Layout, estimate
+
+    cfg = layout_cfg(size, vocab, seq_len, layout)
+    return estimate(cfg, Layout.from_config(cfg, LAYOUTS[layout][0]), gpu=False)
+
+
+def print_layouts(size: str, vocab: int, seq_len: int, layouts: list[str]) -> None:
+    gib = 2**30
+    print(f"model {size} (vocab {vocab}), fp32, one step of 1 x {seq_len} tokens; per-rank GiB, largest rank. "
+          "measured = peak RSS (runtime included) after imports, model construction, DeepSpeed's initialize and "
+          "one step; planned = the planner's build peak and training total (+ runtime: the max of both)")
+    print(f"{'layout':>6} {'runtime':>8} {'model':>8} {'engine':>8} {'step':>8} {'x one':>6} | {'planned build':>13} "
+          f"{'planned total':>13} {'+ runtime':>9}")
+    base = None
+    for name in layouts:
+        rows = run_layout(name, size, vocab, seq_len)
+        top = max(rows, key=lambda r: r["step"])
+        base = base or (top["step"] if name == "one" else None)
+        mem = planned_layout(name, size, vocab, seq_len)
+        ratio = f"{top['step'] / base:6.2f}" if base else "     -"
+        print(f"{name:>6} {top['start'] / gib:8.2f} {top['model'] / gib:8.2f} {top['build'] / gib:8.2f} "
+              f"{top['step'] / gib:8.2f} {ratio} | "
+              f"{mem.build / gib:13.2f} {mem.total / gib:13.2f} {(mem.peak + top['start']) / gib:9.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="small")
     p.add_argument("--micro", type=int, default=4, help="micro-batch per rank")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
+    p.add_argument("--layouts", type=lambda s: s.split(","),
+                   help=f"instead: peak RSS per rank of building + one step for these of {list(LAYOUTS)} "
+                        "(default model 350m, vocab 1024, seq 32)")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary for --layouts")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layout-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layout", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.layout_worker:
+        return layout_worker(args)
+    if args.layouts:
+        size = "350m" if args.size == "small" else args.size
+        seq = 32 if args.seq_len == 128 else args.seq_len
+        return print_layouts(size, args.vocab, seq, args.layouts)
     ranks = run_ranks(args.size, args.micro, args.seq_len, args.stages)
     mib = 2**20
     print(f"model {args.size}, DP=2 (gloo, 2 processes), fp32, micro-batch {args.micro} x {args.seq_len} tokens; "

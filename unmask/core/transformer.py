@@ -169,6 +169,20 @@ class Transformer(nn.Module):
         return self.head(h)
 
     @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill `tensor`, the full-size value of parameter `name` (a key of `named_parameters()`), by the same rules
+        as `init_weights`, from `generator`. Sharded builds call it one parameter at a time and keep their slice."""
+        cfg = self.cfg
+        module = name.rpartition(".")[0]
+        if name.endswith(".bias") or ".adaln." in f".{module}.":  # adaLN-zero: every block starts as the identity
+            tensor.zero_()
+        elif module.endswith("norm"):
+            tensor.fill_(1.0)
+        else:  # residual-branch outputs get std / sqrt(2 * n_layers), as in init_weights
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if module.endswith(("wo", "w2")) else cfg.init_std
+            tensor.normal_(0.0, std, generator=generator)
+
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter and buffer in place (after `to_empty` from the meta device)."""
         cfg = self.cfg

@@ -29,6 +29,14 @@ from unmask.parallel.dims import ParallelDims
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage >= 1:  # buckets sized to the model (plan.memory.zero_bucket), not DeepSpeed's 5e8/1e9
+        from unmask.plan.memory import zero_bucket
+
+        bucket = zero_bucket(cfg.model)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if p.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=bucket, stage3_max_live_parameters=bucket,
+                        stage3_max_reuse_distance=bucket)
     if p.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:
@@ -98,9 +106,37 @@ def clip_hook(max_norm: float):
     return hook
 
 
+def build_zero3_model(cfg: Config, ds_config: dict, device: torch.device, init_state: dict | None) -> nn.Module:
+    """The model built under `deepspeed.zero.Init`: each module is partitioned over the data-parallel ranks as
+    soon as it is constructed, then every parameter is gathered alone, filled as in the sharded build
+    (unmask.model.build.fill_parameter: same seed, same weights) and partitioned again."""
+    import deepspeed
+
+    from unmask.core.transformer import Transformer
+    from unmask.model.build import fill_parameter
+    from unmask.parallel.mpu import MegatronMPU
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(), remote_device=None):
+        model = Transformer(cfg.model, causal=cfg.causal)
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            fill_parameter(name, p.data, model.init_parameter, cfg.train.seed, init_state)
+    return model
+
+
+def build_model_share(cfg: Config, dims: ParallelDims, device: torch.device, ds_config: dict,
+                      init_state: dict | None) -> nn.Module:
+    """This rank's share: ZeRO-3 partitions (tp = 1, unmask's Transformer) or the tensor-parallel share."""
+    from unmask.engines.build import build_sharded_model
+
+    if cfg.parallel.zero_stage == 3 and dims.tp == 1 and cfg.model.arch != "bert":
+        return build_zero3_model(cfg, ds_config, device, init_state)
+    return build_sharded_model(cfg, dims, device, init_state)
+
+
 def prepare_model(cfg: Config, model: nn.Module, dims: ParallelDims) -> nn.Module:
-    """Tensor parallelism, then activation checkpointing of every block (torchtitan's order). The objective was
-    given the vocab-parallel loss when it was built (engines.build)."""
+    """Tensor parallelism (a no-op on a model built sharded), then activation checkpointing of every block
+    (torchtitan's order). The objective was given the vocab-parallel loss when it was built (engines.build)."""
     if dims.tp > 1:
         from unmask.parallel.tensor import TP_PLAN, apply_tensor_parallel
 
@@ -164,13 +200,18 @@ class DeepSpeedCheckpointing:
 class DeepSpeedEngine(DeepSpeedCheckpointing):
     """The LocalEngine interface on a DeepSpeed engine (`.ds`), without pipeline stages."""
 
-    def __init__(self, cfg: Config, model: nn.Module, objective, dims: ParallelDims):
+    def __init__(self, cfg: Config, model: nn.Module | None, objective, dims: ParallelDims,
+                 device: torch.device | None = None, init_state: dict | None = None):
+        """`model`: a whole plain model to lay out, or None to build only this rank's share on `device`."""
         from unmask.parallel.mpu import MegatronMPU
 
         prepare_deepspeed()
         self.cfg, self.objective, self.dims = cfg, objective, dims
+        ds_config = deepspeed_config(cfg, dims)
+        if model is None:
+            model = build_model_share(cfg, dims, device or torch.device("cpu"), ds_config, init_state)
         prepare_model(cfg, model, dims)
-        self.ds, self.optimizer, self.scheduler = initialize(cfg, model, deepspeed_config(cfg, dims),
+        self.ds, self.optimizer, self.scheduler = initialize(cfg, model, ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False)
         self.model = self.ds.module
         self.device = self.ds.device

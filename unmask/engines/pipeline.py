@@ -74,13 +74,55 @@ class _HeadLayer(nn.Module):
         return Transformer.head(self, _split(x)[0])
 
 
-def build_pipeline_module(model: Transformer, objective, dims: ParallelDims):
-    """A PipelineModule over the (possibly tensor-parallel) model, with DeepSpeed's topology laid out as
-    megatron's groups (see parallel/dims.py), so tensor-parallel peers are the same ranks in both libraries."""
+def _plain_names(model: Transformer) -> list:
+    """Per pipeline layer, the map from its parameter/module names to the plain model's (seeds, TP plan)."""
+    tied = model.cfg.tie_embeddings
+
+    def block(i):
+        return lambda n: f"layers.{i}" + n.removeprefix("block")
+
+    def head(n):  # a tied head is the embedding's weight: same name, same seed, same values
+        return "tok_embeddings" + n.removeprefix("output") if tied and n.startswith("output") else n
+
+    return [lambda n: n, *(block(i) for i in range(len(model.layers))), head]
+
+
+def layer_specs(model: Transformer, cfg: Config, dims: ParallelDims, device: torch.device,
+                init_state: dict | None) -> list:
+    """LayerSpecs over a meta-device model: each stage builds only its own layers, at tensor-parallel shard size,
+    filled per parameter as in the one-process build (unmask.model.build.materialize)."""
+    from deepspeed.pipe import LayerSpec
+
+    from unmask.model.build import materialize
+
+    class _Spec(LayerSpec):
+        def __init__(self, typename, plain_name, *args):
+            super().__init__(typename, *args)
+            self.plain_name = plain_name
+
+        def build(self, log=False):
+            layer = super().build(log)
+            if dims.tp > 1:
+                from unmask.parallel.tensor import TP_PLAN, apply_tensor_parallel
+
+                apply_tensor_parallel(layer, TP_PLAN, gpu=device.type == "cuda", plain_name=self.plain_name)
+            return materialize(layer, device, model.init_parameter, cfg.train.seed, self.plain_name, init_state)
+
+    names = _plain_names(model)
+    return [_Spec(_EmbedLayer, names[0], model), *(_Spec(_BlockLayer, names[i + 1], b, model)
+                                                   for i, b in enumerate(model.layers)),
+            _Spec(_HeadLayer, names[-1], model)]
+
+
+def build_pipeline_module(model: Transformer, objective, dims: ParallelDims, layers: list | None = None):
+    """A PipelineModule over the (possibly tensor-parallel) model, or over `layers` (LayerSpecs, each stage
+    building its own), with DeepSpeed's topology laid out as megatron's groups (see parallel/dims.py), so
+    tensor-parallel peers are the same ranks in both libraries."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    layers = [_EmbedLayer(model), *(_BlockLayer(b, model) for b in model.layers), _HeadLayer(model)]
+    if layers is None:
+        layers = [_EmbedLayer(model), *(_BlockLayer(b, model) for b in model.layers), _HeadLayer(model)]
     topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
 
     def loss_fn(logits, targets):
@@ -99,12 +141,23 @@ def _network_input(inputs: tuple):
 class PipelineEngine(DeepSpeedCheckpointing):
     """The Engine interface on a DeepSpeed PipelineEngine (`.ds`)."""
 
-    def __init__(self, cfg: Config, model: Transformer, objective, dims: ParallelDims):
+    def __init__(self, cfg: Config, model: Transformer | None, objective, dims: ParallelDims,
+                 device: torch.device | None = None, init_state: dict | None = None):
+        """`model`: a whole plain model to cut into stages, or None to build only this stage's layers."""
         prepare_deepspeed()
         self.cfg, self.objective, self.dims = cfg, objective, dims
-        prepare_model(cfg, model, dims)
-        module = build_pipeline_module(model, objective, dims)
-        del model  # layers of other stages are freed with it
+        if model is None:
+            from unmask.model.build import build_model
+
+            meta = build_model(cfg.model, causal=cfg.causal, device="meta")
+            specs = layer_specs(meta, cfg, dims, device or torch.device("cpu"), init_state)
+            module = build_pipeline_module(meta, objective, dims, specs)
+            module.tp_applied = True  # each layer was built at shard size
+            prepare_model(cfg, module, dims)
+        else:
+            prepare_model(cfg, model, dims)
+            module = build_pipeline_module(model, objective, dims)
+        del model
         ds_config = deepspeed_config(cfg, dims)
         # Partitioned stage transfers cache the first shape; dynamic shapes need whole tensors.
         ds_config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}

@@ -83,16 +83,21 @@ def megatron_config(gpu: bool, sequence_parallel: bool = False) -> ModelParallel
                                sequence_parallel=sequence_parallel)
 
 
-def _shard(full: torch.Tensor, dim: int) -> torch.Tensor:
-    rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-    return full.chunk(world, dim=dim)[rank]
+def tp_world() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_slice(full: torch.Tensor, dim: int) -> torch.Tensor:
+    """This tensor-parallel rank's contiguous slice of `full` along `dim` (megatron's partition)."""
+    return full.chunk(tp_world(), dim=dim)[parallel_state.get_tensor_model_parallel_rank()]
+
 
 
 def _fill(layer: nn.Module, full: nn.Module, dim: int) -> nn.Module:
     """Copy this rank's slice of `full.weight` into `layer` and mark the weight as tensor-parallel, which
     DeepSpeed and megatron read to count a sharded gradient once per rank in the global grad norm."""
     with torch.no_grad():
-        layer.weight.copy_(_shard(full.weight, dim))
+        layer.weight.copy_(tp_slice(full.weight, dim))
     if not hasattr(layer.weight, "tensor_model_parallel"):
         set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
     return layer.to(full.weight.device)
@@ -114,22 +119,35 @@ def _sharded_layer(style: str, full: nn.Module, mcfg: ModelParallelConfig) -> nn
     raise ValueError(f"tensor-parallel style {style!r}; allowed: column, row, vocab")
 
 
-def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] = TP_PLAN) -> nn.Module:
-    """Replace every module of an initialised plain model that `plan` names by a megatron-core layer holding this
-    rank's slice. Needs megatron's groups (`setup_parallel`). Returns the same model, changed in place."""
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] = TP_PLAN, gpu: bool | None = None,
+                          plain_name=lambda n: n) -> nn.Module:
+    """Replace every module that `plan` names by a megatron-core layer holding this rank's slice. Needs megatron's
+    groups (`setup_parallel`). Returns the same model, changed in place.
+
+    On an initialised model the slice is copied from the full weight. On a meta-device model (sharded
+    construction) the layers are allocated at shard size, uninitialised, for `unmask.model.build.materialize`;
+    `gpu` then says where (default: CUDA if available). `plain_name` maps module names to the plain model's
+    (a pipeline layer holds `block.attention.wq` for `layers.3.attention.wq`)."""
     if getattr(model, "tp_applied", False):
         return model
     first = next(model.parameters())
-    mcfg = megatron_config(first.is_cuda)
+    meta = first.is_meta
+    mcfg = megatron_config(torch.cuda.is_available() if gpu is None else gpu) if meta else megatron_config(first.is_cuda)
     mcfg.params_dtype = first.dtype
     shards: dict[int, nn.Parameter] = {}  # id(full weight) -> its shard, so tied weights stay one parameter
-    for name, full in [(n, m) for n, m in model.named_modules() if plan_style(n, plan)]:
-        style = plan_style(name, plan)
+    planned = [(n, m) for n, m in model.named_modules() if plan_style(plain_name(n), plan)]
+    for name, full in planned:
+        style = plan_style(plain_name(name), plan)
         layer = _sharded_layer(style, full, mcfg)
         if id(full.weight) in shards:
             del layer.weight
             layer.weight = shards[id(full.weight)]
-            layer = layer.to(full.weight.device)
+            if not meta:
+                layer = layer.to(full.weight.device)
+        elif meta:
+            if not hasattr(layer.weight, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(layer.weight, True, _SPLIT_DIM[style], 1)
+            shards[id(full.weight)] = layer.weight
         else:
             layer = _fill(layer, full, _SPLIT_DIM[style])
             shards[id(full.weight)] = layer.weight

@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"global batch {batch} x {seq} = {batch * seq / 1e6:.2f}M tokens; {fpt / 1e9:.1f} GFLOP per token "
           f"(training, attention included); budget {tokens:.3g} tokens at MFU {args.mfu:.0%}")
     print("per-rank GiB: states = weights + grads + fp32 master + Adam; act = saved activations; "
-          "tmp = logits transient + DeepSpeed buffers + 2 GiB CUDA/NCCL")
+          "tmp = logits transient + DeepSpeed buffers + 2 GiB CUDA/NCCL; build = construction peak (own share + "
+          "one full tensor), fits if max(total, build + 2 GiB) fits")
     header = (f"  {'tp':>2} {'pp':>2} {'dp':>4} {'zero':>4} {'micro':>5} {'accum':>5} {'ckpt':>4} | {'states':>6} "
-              f"{'act':>6} {'tmp':>6} {'total':>6} | {'fits':>4} {'tokens/s':>10} {'time':>10}")
+              f"{'act':>6} {'tmp':>6} {'total':>6} {'build':>6} | {'fits':>4} {'tokens/s':>10} {'time':>10}")
     print(header)
     mine = Layout.from_config(cfg, args.gpus)
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         tmp = mem.logits + mem.buffers + mem.overhead
         ckpt = "on" if L.ckpt else "off"
         print(f"{mark} {L.tp:>2} {L.pp:>2} {L.dp:>4} {L.zero:>4} {L.micro:>5} {L.accum:>5} {ckpt:>4}"
-              f" | {gib(mem.model_states)} {gib(mem.activations)} {gib(tmp)} {gib(mem.total)} | "
+              f" | {gib(mem.model_states)} {gib(mem.activations)} {gib(tmp)} {gib(mem.total)} {gib(mem.build)} | "
               f"{'yes' if c.fits else 'no':>4} {c.tokens_per_s:10.3g} {duration(tokens / c.tokens_per_s):>10}")
 
     for c in found[:args.top]:

@@ -56,7 +56,7 @@ def candidates(cfg: Config, gpus: int, memory_bytes: float, peak: float, mfu: fl
             continue
         layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro=micro, accum=batch // (micro * dp), ckpt=ckpt)
         mem = estimate(cfg, layout, seq_len)
-        out.append(Candidate(layout, mem, speed(layout, gpus, peak, mfu, flops_per_token), mem.total <= memory_bytes))
+        out.append(Candidate(layout, mem, speed(layout, gpus, peak, mfu, flops_per_token), mem.peak <= memory_bytes))
     return sorted(out, key=rank_key)
 
 

@@ -16,6 +16,9 @@ saves for backward per token, measured with saved-tensor hooks and checked in te
   all for the autoregressive baseline) over the vocabulary.
 Activation checkpointing keeps each block's input (d) and recomputes one block at a time in backward.
 Pipeline stage 0 holds up to pp micro-batches in flight (1F1B).
+
+Construction (`build`, `build_peak`): the model is built sharded (meta device, then per parameter), so a rank
+holds its own share plus one full tensor in transit; `Memory.peak` is the larger of that and training.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Memory:
     logits: float = 0.0
     buffers: float = 0.0
     overhead: float = 0.0
+    build: float = 0.0  # construction's peak (not part of total: it is over before training starts)
 
     @property
     def model_states(self) -> float:
@@ -67,7 +71,32 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return sum(getattr(self, f.name) for f in fields(self) if f.name != "build")
+
+    @property
+    def peak(self) -> float:
+        """The most this rank ever holds: training, or construction if that is higher."""
+        return max(self.total, self.build + self.overhead)
+
+
+def zero_bucket(m: ModelConfig) -> int:
+    """Elements in each of DeepSpeed's ZeRO buckets (reduce, all-gather, ZeRO-3 prefetch and live parameters), as
+    unmask's DeepSpeed config sets them: two blocks' worth, at most DeepSpeed's default. The defaults (5e8
+    reduce, 1e9 live) keep a small model gathered whole and cost a 350m-parameter run 2-3x its ZeRO-3 share."""
+    return int(min(DS_BUCKET, max(2 * block_params(m), largest_tensor(m))))
+
+
+def largest_tensor(m: ModelConfig) -> int:
+    """Elements of the model's largest full parameter (the one in transit during a sharded build)."""
+    return max(m.vocab_size * m.dim, m.ffn_dim * m.dim, m.n_heads * m.head_dim * m.dim, 6 * m.dim * m.cond_dim)
+
+
+def build_peak(m: ModelConfig, layout: Layout) -> float:
+    """Bytes while building (unmask.model.build.materialize): this rank's share in fp32 (ZeRO-3: its partition,
+    built under deepspeed.zero.Init) plus one full fp32 tensor in transit (a tensor-parallel weight drawn whole
+    before its slice is kept; under ZeRO-3 the one parameter gathered to be filled)."""
+    share = rank_params(m, layout.tp, layout.pp) * 4 / (layout.dp if layout.zero == 3 else 1)
+    return share + largest_tensor(m) * 4
 
 
 def rank_params(m: ModelConfig, tp: int, pp: int) -> int:
@@ -116,8 +145,10 @@ def estimate(cfg: Config, layout: Layout, seq_len: int | None = None, gpu: bool 
     logits = tokens * m.vocab_size / L.tp * (w + masked * (w + 8))
 
     buffers = 0.0
+    bucket = zero_bucket(m)
     if L.zero in (1, 2):
-        buffers = min(DS_BUCKET, P) * w
-    elif L.zero == 3:  # the block being computed and the prefetched next one, gathered in full
-        buffers = 2 * block_params(m) / L.tp * w + min(DS_BUCKET / 10, P) * w
-    return Memory(params, grads, master, optimizer, activations, logits, buffers, GPU_OVERHEAD if gpu else 0.0)
+        buffers = min(bucket, P) * w
+    elif L.zero == 3:  # the live (gathered) parameters and the reduce bucket
+        buffers = 2 * min(bucket, P) * w
+    return Memory(params, grads, master, optimizer, activations, logits, buffers, GPU_OVERHEAD if gpu else 0.0,
+                  build_peak(m, L))
