@@ -6,8 +6,9 @@ after model construction and after one step:
 - construction: every rank of TP=2, PP=2 and ZeRO-3 (DP=2) holds its share plus one tensor in transit, never the
   whole model (the one-process reference does);
 - one step: TP=2 and PP=2 stay within 0.6x of the one-process run and below the full model's weights plus its
-  Adam moments (12 bytes per parameter). ZeRO-3 stays within 1.1x of the one-process run (measured 1.03x; it was 1.43x); 0.6x is out of reach at DP=2 in fp32 because
-  DeepSpeed's stage 3 keeps three partition-sized copies (weights, flat gradients, fp32 master) beside Adam.
+  Adam moments (12 bytes per parameter). ZeRO-3 stays within 1.1x of the one-process run (measured 1.03x; it was
+  1.43x); 0.6x is out of reach at DP=2 in fp32 because DeepSpeed's stage 3 keeps three partition-sized copies
+  (weights, flat gradients, fp32 master) beside Adam.
 Memory is stable enough to assert on (time is not). One layout at a time: at most two ~3 GiB processes."""
 
 import importlib.util

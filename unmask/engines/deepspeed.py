@@ -29,8 +29,8 @@ from unmask.parallel.dims import ParallelDims
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     zero: dict = {"stage": p.zero_stage}
-    if p.zero_stage >= 1:  # buckets sized to the model (plan.memory.zero_bucket), not DeepSpeed's 5e8/1e9
-        from unmask.plan.memory import zero_bucket
+    if p.zero_stage >= 1:  # buckets sized to the model (counting.zero_bucket), not DeepSpeed's 5e8/1e9
+        from unmask.model.counting import zero_bucket
 
         bucket = zero_bucket(cfg.model)
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)

@@ -41,3 +41,18 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     attention is counted for causal models too, as Megatron and torchtitan do)."""
     attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     return 6 * matmul_params(cfg) + attention
+
+
+DS_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket, in elements
+
+
+def zero_bucket(m: ModelConfig) -> int:
+    """Elements in each of DeepSpeed's ZeRO buckets (reduce, all-gather, ZeRO-3 prefetch and live parameters), as
+    unmask's DeepSpeed config sets them: two blocks' worth, at most DeepSpeed's default. The defaults (5e8
+    reduce, 1e9 live) keep a small model gathered whole and cost a 350m-parameter run 2-3x its ZeRO-3 share."""
+    return int(min(DS_BUCKET, max(2 * block_params(m), largest_tensor(m))))
+
+
+def largest_tensor(m: ModelConfig) -> int:
+    """Elements of the model's largest full parameter (the one in transit during a sharded build)."""
+    return max(m.vocab_size * m.dim, m.ffn_dim * m.dim, m.n_heads * m.head_dim * m.dim, 6 * m.dim * m.cond_dim)

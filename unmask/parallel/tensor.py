@@ -132,7 +132,8 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] = TP_PLAN, gpu:
         return model
     first = next(model.parameters())
     meta = first.is_meta
-    mcfg = megatron_config(torch.cuda.is_available() if gpu is None else gpu) if meta else megatron_config(first.is_cuda)
+    on_gpu = (torch.cuda.is_available() if gpu is None else gpu) if meta else first.is_cuda
+    mcfg = megatron_config(on_gpu)
     mcfg.params_dtype = first.dtype
     shards: dict[int, nn.Parameter] = {}  # id(full weight) -> its shard, so tied weights stay one parameter
     planned = [(n, m) for n, m in model.named_modules() if plan_style(plain_name(n), plan)]

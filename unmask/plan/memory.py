@@ -26,11 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from unmask.config import Config, ModelConfig
-from unmask.model.counting import block_params, param_count
+from unmask.model.counting import block_params, largest_tensor, param_count, zero_bucket
 
 GIB = 2**30
 GPU_OVERHEAD = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation (a rule of thumb, not measured)
-DS_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket, in elements
 
 
 @dataclass(frozen=True)
@@ -77,18 +76,6 @@ class Memory:
     def peak(self) -> float:
         """The most this rank ever holds: training, or construction if that is higher."""
         return max(self.total, self.build + self.overhead)
-
-
-def zero_bucket(m: ModelConfig) -> int:
-    """Elements in each of DeepSpeed's ZeRO buckets (reduce, all-gather, ZeRO-3 prefetch and live parameters), as
-    unmask's DeepSpeed config sets them: two blocks' worth, at most DeepSpeed's default. The defaults (5e8
-    reduce, 1e9 live) keep a small model gathered whole and cost a 350m-parameter run 2-3x its ZeRO-3 share."""
-    return int(min(DS_BUCKET, max(2 * block_params(m), largest_tensor(m))))
-
-
-def largest_tensor(m: ModelConfig) -> int:
-    """Elements of the model's largest full parameter (the one in transit during a sharded build)."""
-    return max(m.vocab_size * m.dim, m.ffn_dim * m.dim, m.n_heads * m.head_dim * m.dim, 6 * m.dim * m.cond_dim)
 
 
 def build_peak(m: ModelConfig, layout: Layout) -> float:
