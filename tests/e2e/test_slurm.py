@@ -68,8 +68,8 @@ def test_sbatch_job_trains_to_the_end(launcher, slurm_env, tiny_shards, tmp_path
     """torchrun: one srun task runs the agent, which starts 2 workers; srun: 2 SLURM tasks, ranks from SLURM_*."""
     run_dir, script, log = tmp_path / "run", tmp_path / "job.sbatch", tmp_path / "job.out"
     subprocess.run([sys.executable, "-m", "unmask", "launch", str(REPO / "configs" / "tiny.toml"), "--slurm",
-                    "--launcher", launcher, "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--time", "30:00",
-                    "--signal-seconds", "60", "--log", str(log), "--out", str(script),
+                    "--launcher", launcher, "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--cpus-per-gpu", "1",
+                    "--time", "30:00", "--signal-seconds", "60", "--log", str(log), "--out", str(script),
                     *tiny_overrides(tiny_shards, run_dir)], cwd=REPO, env=slurm_env, check=True)
     try:
         proc = subprocess.run(["sbatch", "--wait", "--parsable", str(script)], capture_output=True, text=True,
@@ -88,7 +88,8 @@ def test_time_limit_signal_saves_and_requeues(slurm_env, tmp_path):
     agent exits with that code, the script requeues the job and the second attempt completes."""
     log = tmp_path / "job.out"
     script = render_sbatch(Job("configs/tiny.toml", nodes=1, procs_per_node=2),
-                           Slurm(time="2", signal_seconds=60, gpus=False, output=str(log), job_name="unmask-requeue"),
+                           Slurm(time="2", signal_seconds=60, gpus=False, output=str(log), job_name="unmask-requeue",
+                                 cpus_per_gpu=1),
                            entry=[str(PROBE), str(tmp_path)])
     (tmp_path / "job.sbatch").write_text(script)
     job = subprocess.run(["sbatch", "--parsable", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
@@ -119,7 +120,8 @@ def test_preempted_training_saves_requeues_and_resumes(slurm_env, tiny_shards, t
     overrides = [o for o in tiny_overrides(tiny_shards, run_dir) if not o.startswith(("--train.steps=",
                                                                                       "--train.log_every="))]
     subprocess.run([sys.executable, "-m", "unmask", "launch", str(REPO / "configs" / "tiny.toml"), "--slurm",
-                    "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--time", "30:00", "--job-name",
+                    "--nodes", "1", "--gpus-per-node", "2", "--cpu-only", "--cpus-per-gpu", "1", "--time", "30:00",
+                    "--job-name",
                     "unmask-preempt", "--log", str(log), "--out", str(script), f"--train.steps={steps}",
                     "--train.log_every=10", *overrides], cwd=REPO, env=slurm_env, check=True)
     pause = {**slurm_env, "UNMASK_FAULTS": "step.end@20=pause"}
