@@ -74,10 +74,14 @@ def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
 
 
 def write_result(result: dict) -> None:
-    """Rank 0 writes the JSON result to the path given as the script's first argument."""
+    """Rank 0 writes the JSON result to the path given as the script's first argument; then every rank ends its
+    process groups together (a rank leaving with a live gloo group can abort at exit)."""
+    from unmask.parallel.dims import teardown_parallel
+
     if int(os.environ.get("RANK", 0)) == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f)
+    teardown_parallel()
 
 
 def launch(script: str, nproc: int, out_dir, *args: str, timeout: int = 900) -> dict:  # timeout: a hang guard

@@ -127,6 +127,20 @@ def setup_parallel(cfg: Config) -> ParallelDims:
     return dims
 
 
+def teardown_parallel() -> None:
+    """End a run's process groups cleanly: every rank waits at a barrier, then megatron's groups and the
+    default group are destroyed. A rank that left with its gloo/NCCL group still alive can abort at interpreter
+    exit ("terminate called without an active exception") while a peer is still finishing."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def backend(gpu: bool) -> str:
     """The process-group backend; unmask.parallel.collective.collective_device maps it to a tensor device."""
     return "nccl" if gpu else "gloo"

@@ -31,7 +31,7 @@ from unmask.errors import CheckpointError
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.model.counting import param_count, train_flops_per_token
 from unmask.parallel import collective
-from unmask.parallel.dims import ParallelDims, setup_parallel
+from unmask.parallel.dims import ParallelDims, setup_parallel, teardown_parallel
 from unmask.train.batches import tensor_parallel_batches
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes
 from unmask.train.preemption import Preemption
@@ -153,6 +153,7 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
     finally:
         preemption.restore()
         report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [cfg.tokenizer_path]})
+    teardown_parallel()
     return last_val
 
 
