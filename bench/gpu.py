@@ -6,12 +6,17 @@ TP / ZeRO-3 / PP equivalence checks over NCCL. Prints figures; the equivalence c
    --nproc_per_node=2 -m unmask train` (NCCL, the real CLI) in each layout, and in one GPU process with the same
    global batch. The consolidated weights (what `unmask export` writes) must agree within 5e-5: with lr 1e-5 an
    Adam sign flip moves a weight by 2e-5, a wrongly merged shard by the init's std (0.02).
-2. Throughput on GPU 0: the preset's model, seq_len, micro-batch, accumulation, dtype, ZeRO stage and activation
+2. The CLI on the GPUs (>= 1 GPU): the tiny model in the presets' own layout (bf16, ZeRO-3, activation
+   checkpointing) through `torchrun -m unmask train` over NCCL: 20 steps with validation and a checkpoint every
+   10, a resume to 30, a 2-round distillation from it, `unmask export` loaded by transformers on the GPU (its
+   logits against the fp32 CPU load), and `unmask sample`. Every small collective (preemption flags, save
+   agreement, validation sums) runs on NCCL here, so a CPU tensor handed to one fails the run.
+3. Throughput on GPU 0: the preset's model, seq_len, micro-batch, accumulation, dtype, ZeRO stage and activation
    checkpointing on one GPU (tp = pp = 1, DeepSpeed engine), synthetic token batches, `--steps` timed after
    `--warmup`. Printed beside `unmask plan`'s figures for the same layout: per-rank memory (memory model) and
    tokens/s at its assumed MFU (--mfu, the planner's default 0.4).
 
-    python bench/gpu.py [--config configs/1b.toml] [--steps 30] [--warmup 5] [--skip-equivalence]
+    python bench/gpu.py [--config configs/1b.toml ...] [--steps 30] [--warmup 5] [--skip-equivalence] [--skip-cli]
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ TINY = ["--train.steps=2", "--train.val_every=0", "--train.log_every=1", "--opti
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "1b.toml"), help="preset to benchmark")
+    p.add_argument("--config", nargs="*", default=[str(REPO / "configs" / "1b.toml")],
+                   help="presets to benchmark (none: no throughput run)")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, kernels)")
     p.add_argument("--mfu", type=float, default=0.4, help="the planner's assumed MFU to compare with")
-    p.add_argument("--skip-equivalence", action="store_true", help="only the one-GPU throughput run")
+    p.add_argument("--skip-equivalence", action="store_true", help="no TP/ZeRO/PP equivalence runs")
+    p.add_argument("--skip-cli", action="store_true", help="no train/resume/distill/export/sample CLI run")
     p.add_argument("--work", help="folder for the equivalence runs (default: a temporary one)")
     return p.parse_args(argv)
 
@@ -64,20 +71,24 @@ def synthetic_shards(out: Path) -> Path:
     return data
 
 
-def train_cli(data: Path, run_dir: Path, nproc: int, *extra: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+def unmask_cli(*args: str, nproc: int = 0) -> str:
+    """`python -m unmask ARGS` (under `torchrun --nproc_per_node=nproc` when nproc > 0); its standard output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    args = [str(REPO / "configs" / "tiny.toml"), f"--data.train_dir={data / 'train'}",
-            f"--data.val_dir={data / 'val'}", f"--train.run_dir={run_dir}", *TINY, *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "unmask", "train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-               "unmask", "train", *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *launcher, "-m", "unmask", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def train_cli(data: Path, run_dir: Path, nproc: int, *extra: str, command: str = "train") -> str:
+    args = [command, str(REPO / "configs" / "tiny.toml"), f"--data.train_dir={data / 'train'}",
+            f"--data.val_dir={data / 'val'}", f"--train.run_dir={run_dir}", *TINY, *extra]
+    return unmask_cli(*args, nproc=0 if nproc == 1 else nproc)
 
 
 def equivalence(work: Path) -> bool:
@@ -102,6 +113,59 @@ def equivalence(work: Path) -> bool:
         print(f"equivalence {name:<50} max |w - w_1gpu| = {worst:.2e} (tol {atol:.0e})  "
               f"{'PASS' if passed else 'FAIL'}  {time.perf_counter() - t0:.0f} s", flush=True)
     return ok
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+PRESET_LAYOUT = ["--parallel.engine=deepspeed", "--parallel.zero_stage=3", "--parallel.activation_checkpointing=true",
+                 "--train.dtype=bf16"]
+
+
+def ours(log: str) -> list[str]:
+    """unmask's own lines of a command's output (not the libraries' warnings)."""
+    return [line for line in log.splitlines() if line.startswith("unmask")] or ["(no unmask lines)"]
+
+
+def cli_check(work: Path, nproc: int) -> bool:
+    """train (NCCL, the presets' layout) -> resume -> distill -> export -> transformers on GPU -> sample."""
+    import torch
+
+    data = synthetic_shards(work)
+    run, t0 = work / "cli-run", time.perf_counter()
+    common = [*PRESET_LAYOUT, "--train.val_every=10", "--checkpoint.interval_steps=10", "--optim.lr=1e-3"]
+    log = train_cli(data, run, nproc, *common, "--train.steps=20")
+    print(f"cli train: 20 steps on {nproc} GPU(s) {time.perf_counter() - t0:.0f} s; last lines:", flush=True)
+    print("\n".join("  " + line for line in ours(log)[-3:]), flush=True)
+    log = train_cli(data, run, nproc, *common, "--train.steps=30")
+    resumed = "resumed from" in log
+    print(f"cli resume to 30: {'PASS' if resumed else 'FAIL (no resume line)'}; last line: "
+          f"{ours(log)[-1]}", flush=True)
+    log = train_cli(data, work / "cli-distill", nproc, *common, "--train.steps=20", "--distill.start_steps=32",
+                    "--distill.final_steps=8", "--distill.steps_per_round=10", "--distill.eval_samples=4",
+                    "--distill.eval_teacher_steps=[32,8]", "--distill.eval_student_steps=[8]",
+                    "--distill.teacher_dtype=bf16", "--parallel.zero_stage=2", f"--teacher={run}",
+                    command="distill")  # distillation keeps whole weights: ZeRO <= 2
+    print("cli distill: 2 rounds; last lines:\n" + "\n".join("  " + x for x in ours(log)[-3:]),
+          flush=True)
+    unmask_cli("export", "--checkpoint", str(run), "--out", str(work / "hf"))
+    from transformers import AutoModelForMaskedLM
+
+    cpu = AutoModelForMaskedLM.from_pretrained(work / "hf", trust_remote_code=True).eval()
+    gpu = AutoModelForMaskedLM.from_pretrained(work / "hf", trust_remote_code=True).eval().to("cuda")
+    tokens = torch.randint(5, cpu.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = cpu(tokens).logits
+        fp32 = (gpu(tokens.cuda()).logits.float().cpu() - ref).abs().max().item()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = (gpu(tokens.cuda()).logits.float().cpu() - ref).abs().max().item()
+    export_ok = fp32 < 1e-3 and bf16 < 0.25 * ref.abs().max().item()
+    print(f"cli export -> transformers on cuda: max |logits - cpu fp32| fp32 {fp32:.1e}, bf16 autocast {bf16:.1e} "
+          f"(|logits| max {ref.abs().max().item():.1f})  {'PASS' if export_ok else 'FAIL'}", flush=True)
+    out = unmask_cli("sample", "--checkpoint", str(run), "--num-samples", "2", "--length", "64", "--steps", "16")
+    print(f"cli sample: {next(x for x in out.splitlines() if x.startswith('{'))[:160]}", flush=True)
+    print(f"cli check {time.perf_counter() - t0:.0f} s in all", flush=True)
+    return resumed and export_ok
 
 
 # ------------------------------------------------------------------------------------------------ throughput
@@ -182,7 +246,11 @@ def main(argv=None) -> int:
                 ok = equivalence(Path(args.work) if args.work else Path(tmp))
         else:
             print("one GPU: the TP/ZeRO/PP equivalence checks need 2 and are skipped")
-    throughput(args.config, args.steps, args.warmup, args.mfu)
+    if not args.skip_cli:
+        with tempfile.TemporaryDirectory(prefix="unmask-cli-") as tmp:
+            ok &= cli_check(Path(args.work or tmp) / "cli", min(2, torch.cuda.device_count()))
+    for config in args.config:
+        throughput(config, args.steps, args.warmup, args.mfu)
     return 0 if ok else 1
 
 
