@@ -136,12 +136,14 @@ LAYOUTS = {  # name: (processes, config overrides)
 }
 
 
-def layout_cfg(size: str, vocab: int, seq_len: int, layout: str):
+def layout_cfg(size: str, vocab: int, seq_len: int, layout: str, dtype: str = "fp32"):
     from unmask.config import load_config
 
     return load_config(None, [f"--model.size={size}", f"--model.vocab_size={vocab}", f"--train.seq_len={seq_len}",
+                              f"--train.dtype={dtype}",
                               "--train.micro_batch_size=1", "--train.grad_accum=1", "--optim.warmup_steps=0",
-                              "--model.tie_embeddings=false", *LAYOUTS[layout][1]])  # pp > 1 needs untied
+                              "--model.tie_embeddings=false", *LAYOUTS[layout][1],  # pp > 1 needs untied
+                              *(["--parallel.zero_stage=1"] if layout == "pp2" and dtype == "bf16" else [])])
 
 
 def rss_peak() -> int:
@@ -185,7 +187,7 @@ def layout_worker(args) -> None:
     from unmask.parallel.dims import setup_parallel
 
     torch.set_num_threads(1)
-    cfg = layout_cfg(args.size, args.vocab, args.seq_len, args.layout)
+    cfg = layout_cfg(args.size, args.vocab, args.seq_len, args.layout, args.dtype)
     dims = setup_parallel(cfg)
     import deepspeed  # noqa: F401  (the runtime's own footprint counts in "start" for every layout)
 
@@ -204,14 +206,15 @@ def layout_worker(args) -> None:
         Path(args.out).write_text(json.dumps(rows))
 
 
-def run_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32) -> list[dict]:
+def run_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32,
+               dtype: str = "fp32") -> list[dict]:
     """Launch `layout` (LAYOUTS) with torchrun; returns per rank {"start", "build", "step"} peak RSS bytes."""
     nproc = LAYOUTS[layout][0]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rss.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
                "--layout-worker", "--out", str(out), f"--size={size}", f"--vocab={vocab}", f"--seq-len={seq_len}",
-               f"--layout={layout}"]
+               f"--layout={layout}", f"--dtype={dtype}"]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT")}
         # A fixed mmap threshold: glibc otherwise raises it to 32 MB after the first large free, and freed
@@ -223,27 +226,27 @@ def run_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int 
         return json.loads(out.read_text())
 
 
-def planned_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32):
+def planned_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32, dtype: str = "fp32"):
     """The planner's Memory for `layout` (CPU: no CUDA overhead)."""
     from unmask.plan.memory import Layout, estimate
 
-    cfg = layout_cfg(size, vocab, seq_len, layout)
+    cfg = layout_cfg(size, vocab, seq_len, layout, dtype)
     return estimate(cfg, Layout.from_config(cfg, LAYOUTS[layout][0]), gpu=False)
 
 
-def print_layouts(size: str, vocab: int, seq_len: int, layouts: list[str]) -> None:
+def print_layouts(size: str, vocab: int, seq_len: int, layouts: list[str], dtype: str) -> None:
     gib = 2**30
-    print(f"model {size} (vocab {vocab}), fp32, one step of 1 x {seq_len} tokens; per-rank GiB, largest rank. "
+    print(f"model {size} (vocab {vocab}), {dtype}, one step of 1 x {seq_len} tokens; per-rank GiB, largest rank. "
           "measured = peak RSS (runtime included) after imports, model construction, DeepSpeed's initialize and "
           "one step; planned = the planner's build peak and training total (+ runtime: the max of both)")
     print(f"{'layout':>6} {'runtime':>8} {'model':>8} {'engine':>8} {'step':>8} {'x one':>6} | {'planned build':>13} "
           f"{'planned total':>13} {'+ runtime':>9}")
     base = None
     for name in layouts:
-        rows = run_layout(name, size, vocab, seq_len)
+        rows = run_layout(name, size, vocab, seq_len, dtype)
         top = max(rows, key=lambda r: r["step"])
         base = base or (top["step"] if name == "one" else None)
-        mem = planned_layout(name, size, vocab, seq_len)
+        mem = planned_layout(name, size, vocab, seq_len, dtype)
         ratio = f"{top['step'] / base:6.2f}" if base else "     -"
         print(f"{name:>6} {top['start'] / gib:8.2f} {top['model'] / gib:8.2f} {top['build'] / gib:8.2f} "
               f"{top['step'] / gib:8.2f} {ratio} | "
@@ -260,6 +263,7 @@ def main() -> None:
                    help=f"instead: peak RSS per rank of building + one step for these of {list(LAYOUTS)} "
                         "(default model 350m, vocab 1024, seq 32)")
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary for --layouts")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="train.dtype for --layouts")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", help=argparse.SUPPRESS)
@@ -272,7 +276,7 @@ def main() -> None:
     if args.layouts:
         size = "350m" if args.size == "small" else args.size
         seq = 32 if args.seq_len == 128 else args.seq_len
-        return print_layouts(size, args.vocab, seq, args.layouts)
+        return print_layouts(size, args.vocab, seq, args.layouts, args.dtype)
     ranks = run_ranks(args.size, args.micro, args.seq_len, args.stages)
     mib = 2**20
     print(f"model {args.size}, DP=2 (gloo, 2 processes), fp32, micro-batch {args.micro} x {args.seq_len} tokens; "

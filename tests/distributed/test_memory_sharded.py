@@ -6,9 +6,11 @@ after model construction and after one step:
 - construction: every rank of TP=2, PP=2 and ZeRO-3 (DP=2) holds its share plus one tensor in transit, never the
   whole model (the one-process reference does);
 - one step: TP=2 and PP=2 stay within 0.6x of the one-process run and below the full model's weights plus its
-  Adam moments (12 bytes per parameter). ZeRO-3 stays within 1.1x of the one-process run (measured 1.03x; it was
-  1.43x); 0.6x is out of reach at DP=2 in fp32 because DeepSpeed's stage 3 keeps three partition-sized copies
-  (weights, flat gradients, fp32 master) beside Adam.
+  Adam moments (12 bytes per parameter). ZeRO-3 stays within 0.8x (measured 0.71x; 1.03x before optimizer
+  sub-groups and fused AdamW, 1.43x before sharded construction). In fp32 DeepSpeed 0.19's stage 3 keeps a
+  duplicate fp32 master partition (its alias for fp32 weights compares a torch.device with a str, never true),
+  so three partition-sized copies sit beside Adam: 10 of the one-process run's 16 bytes per parameter. In bf16
+  (the presets) it measures 0.59x: `python bench/memory.py --layouts one,zero3 --dtype bf16`.
 Memory is stable enough to assert on (time is not). One layout at a time: at most two ~3 GiB processes."""
 
 import importlib.util
@@ -38,7 +40,7 @@ def test_each_rank_builds_and_steps_in_its_share():
         for rank, r in enumerate(bench.run_layout(name)):
             assert r["model"] - r["start"] < 0.6 * weights, (name, rank, r)  # own share + one tensor in transit
             if name == "zero3":
-                assert r["step"] < 1.1 * one["step"], (name, rank, r, one)  # measured 1.03x (was 1.43x)
+                assert r["step"] < 0.8 * one["step"], (name, rank, r, one)  # measured 0.71x (was 1.43x)
                 continue
             assert r["step"] <= 0.6 * one["step"], (name, rank, r, one)
             assert r["step"] - r["start"] < 3 * weights, (name, rank, r)  # full weights + full Adam moments

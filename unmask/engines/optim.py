@@ -24,8 +24,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # fused: one kernel per step on CPU and CUDA, with no partition-sized temporaries (the for-each and
+    # single-tensor paths allocate sqrt(v) and the update: 2 x 4 bytes per parameter on a ZeRO flat partition).
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.adam_eps)
+                             eps=cfg.adam_eps, fused=True)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
