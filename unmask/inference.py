@@ -11,7 +11,7 @@ from torch import nn
 
 from unmask.config import Config, ModelConfig
 from unmask.data.special import SpecialTokens
-from unmask.errors import CheckpointError
+from unmask.errors import CheckpointError, ConfigError
 
 
 class Codec:
@@ -43,6 +43,21 @@ class Loaded:
     schedule: str
     source: Path
     config: Config | None = None  # the run's config (checkpoints only)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` -> the first GPU when there is one, else the CPU; `cpu`, `cuda`, `cuda:N` as given, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:

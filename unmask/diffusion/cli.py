@@ -35,13 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at-eos", action="store_true", help="cut each sample at its first generated <eos>")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N; a seed "
+                   "gives the same samples on one device type, not across CPU and GPU (their generators differ)")
     p.add_argument("--out", help="JSON Lines file (default: standard output)")
 
 
 def run(args: argparse.Namespace) -> int:
     from unmask.diffusion.sampler import SamplerConfig, SamplingError, sample
     from unmask.diffusion.sampler_template import infill_template, prompt_template, split_mask_spans
-    from unmask.inference import load
+    from unmask.inference import load, pick_device
 
     cfg = SamplerConfig(kind=args.sampler, steps=args.steps, block_length=args.block_length,
                         remasking=args.remasking, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    loaded = load(args.checkpoint)
+    device = pick_device(args.device)
+    loaded = load(args.checkpoint, device)
     if loaded.objective == "ar":
         raise SamplingError(f"{args.checkpoint} is an autoregressive baseline; the diffusion samplers need a "
                             "masked-diffusion model")
@@ -70,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 template, prompt_mask = prompt_template([codec.encode(p) for p in chunk], length, special)
             with torch.no_grad():  # a distinct seed per batch, so batches are not copies of each other
-                result = sample(loaded.model, template, replace(cfg, seed=cfg.seed + start), special,
-                                loaded.schedule, prompt_mask=prompt_mask)
+                result = sample(loaded.model, template.to(device), replace(cfg, seed=cfg.seed + start), special,
+                                loaded.schedule, prompt_mask=prompt_mask.to(device))
             for i, ids in enumerate(result.token_lists(special, generated_only=kind == "continue")):
                 row = {"prompt": chunk[i], "text": codec.decode(ids), "tokens": ids, **result.stats(),
                        "sampler": cfg.to_dict()}
