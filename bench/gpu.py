@@ -230,6 +230,31 @@ def throughput(config: str, steps: int, warmup: int, mfu: float) -> None:
           f"{torch.cuda.max_memory_reserved() / gib:.1f}; plan {plan.total / gib:.1f} (states "
           f"{plan.model_states / gib:.1f}, act {plan.activations / gib:.1f}, tmp "
           f"{(plan.logits + plan.buffers + plan.overhead) / gib:.1f} incl. {plan.overhead / gib:.0f} CUDA/NCCL)")
+    memory_breakdown(engine, micro[0], BatchKey(steps + warmup, 0, 0, 1, batch), plan)  # after: it resets the peak
+
+
+def memory_breakdown(engine, x0, key, plan) -> None:
+    """One micro-batch's forward and backward outside the timed steps, against the planner's terms: what the
+    forward leaves for backward (planned: activations), the loss's own transient on top of the network's output
+    (planned: logits), and the backward's peak above the forward's."""
+    import torch
+
+    gib = 2**30
+    ds = engine.ds
+    torch.cuda.synchronize()
+    states = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = engine.objective.loss(ds, x0.to(engine.device), key)
+    torch.cuda.synchronize()
+    kept, fwd_peak = torch.cuda.memory_allocated() - states, torch.cuda.max_memory_allocated() - states
+    torch.cuda.reset_peak_memory_stats()
+    ds.backward(out.loss)
+    torch.cuda.synchronize()
+    bwd_peak = torch.cuda.max_memory_allocated() - states
+    print(f"one micro-batch, GiB above the {states / gib:.1f} held before it: kept for backward {kept / gib:.1f} "
+          f"(planned activations {plan.activations / gib:.1f}), forward peak {fwd_peak / gib:.1f}, backward peak "
+          f"{bwd_peak / gib:.1f} (planned activations + logits {(plan.activations + plan.logits) / gib:.1f})",
+          flush=True)
 
 
 def main(argv=None) -> int:
