@@ -93,9 +93,10 @@ class _Distill:
         u = per_sample_uniforms(mix(self.seed, REVEAL_STREAM, stream), key, B, L).to(xt.device)
         revealed = masked & (u < p_reveal)  # [B, L]
         # 2. Tokens by inverse-CDF sampling from the teacher, one seeded uniform per position: [N].
-        v = per_sample_uniforms(mix(self.seed, TOKEN_STREAM, stream), key, B, L).to(xt.device)[masked]
+        #    float64 uniforms, like the samplers' draws: float32 ones cannot land in a rare token's CDF interval.
+        v = per_sample_uniforms(mix(self.seed, TOKEN_STREAM, stream), key, B, L, torch.float64).to(xt.device)[masked]
         cdf = log_p.double().exp().cumsum(-1)  # [N, V]
-        tokens = torch.searchsorted(cdf, (v.double() * cdf[:, -1])[:, None])[:, 0].clamp_max(cdf.shape[-1] - 1)
+        tokens = torch.searchsorted(cdf, (v * cdf[:, -1])[:, None])[:, 0].clamp_max(cdf.shape[-1] - 1)
         xs = torch.where(revealed, xt.masked_scatter(masked, tokens), xt)
         return xs, revealed, log_p
 
