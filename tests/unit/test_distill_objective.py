@@ -118,3 +118,17 @@ def test_teacher_draws_tokens_with_float64_uniforms():
     expected = torch.searchsorted(cdf, (v * cdf[:, -1])[:, None])[:, 0]
     assert revealed.sum() > 20
     assert torch.equal(xs[revealed], expected[revealed[xt == MASK]])
+
+
+def test_fp32_teacher_computes_in_fp32_inside_a_bf16_training_step():
+    model, obj, x0 = setup()  # teacher_dtype="fp32"
+    key = BatchKey(0, global_batch=8)
+    xt = obj.diffusion.corrupt(x0, key).inputs[0]
+    t, masked = obj.diffusion.times(key, 8), xt == MASK
+    plain = obj.predict(obj.teacher, xt, t, masked, "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's region when train.dtype="bf16"
+        inside = obj.predict(obj.teacher, xt, t, masked, obj.cfg.teacher_dtype)
+        student = obj.predict(model, xt, t, masked)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, atol=0, rtol=0)
+    assert not torch.equal(student, plain)  # the student (same weights) still trains in the engine's bf16

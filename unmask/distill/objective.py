@@ -70,9 +70,10 @@ class _Distill:
     def eval_terms(self, model, x0, time_samples, key):
         return self.diffusion.eval_terms(model, x0, time_samples, key)
 
-    def predict(self, model, x: torch.Tensor, t: torch.Tensor, where: torch.Tensor, dtype: str = "fp32"):
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, where: torch.Tensor, dtype: str | None = None):
         """log p(x0 | x) at the positions `where` [B, L]: [N, V] fp32, <mask> never predicted (SUBS). Computed
-        out of place (unlike subs_log_probs) so the student's gradient can flow through it."""
+        out of place (unlike subs_log_probs) so the student's gradient can flow through it. `dtype` None (the
+        student) computes in the engine's autocast region; the teacher's dtype overrides it."""
         args = (x, t) if self.diffusion.time_conditioned else (x,)
         with autocast(dtype, x.device):
             logits = model(*args)[where].float()  # [N, V]
