@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from unmask.config import DiffusionConfig, DistillConfig, ModelConfig
-from unmask.diffusion.noise import BatchKey
+from unmask.diffusion.noise import BatchKey, mix
 from unmask.diffusion.objective import MaskedDiffusion
-from unmask.distill.objective import DCD, SDTT, divergence, frozen_copy
+from unmask.distill.objective import DCD, SDTT, TOKEN_STREAM, divergence, frozen_copy
 from unmask.model.build import build_model
 
 MASK, PAD, V = 4, 0, 64
@@ -100,3 +100,35 @@ def test_bf16_teacher_runs():
     model, obj, x0 = setup(teacher_dtype="bf16")
     assert next(obj.teacher.parameters()).dtype == torch.bfloat16
     assert torch.isfinite(obj.loss(model, x0, BatchKey(0, global_batch=8)).loss)
+
+
+def test_teacher_draws_tokens_with_float64_uniforms():
+    # Like the samplers (float64 Gumbel noise): float32 uniforms come in steps of 2^-24 and miss rare tokens.
+    model, obj, x0 = setup()
+    B, L = x0.shape
+    key = BatchKey(2, global_batch=B)
+    xt = obj.diffusion.corrupt(x0, key).inputs[0]
+    t = obj.diffusion.times(key, B)
+    xs, revealed, log_p = obj.teacher_step(xt, t, (t - 0.5).clamp_min(0), key, stream=1)
+    seed = mix(obj.seed, TOKEN_STREAM, 1)
+    v = torch.stack([torch.rand(L, dtype=torch.float64, generator=torch.Generator().manual_seed(mix(seed, 2, i)))
+                     for i in range(B)])[xt == MASK]  # [N], the token stream drawn in float64
+    assert (v.float().double() != v).any()  # finer than float32
+    cdf = log_p.double().exp().cumsum(-1)
+    expected = torch.searchsorted(cdf, (v * cdf[:, -1])[:, None])[:, 0]
+    assert revealed.sum() > 20
+    assert torch.equal(xs[revealed], expected[revealed[xt == MASK]])
+
+
+def test_fp32_teacher_computes_in_fp32_inside_a_bf16_training_step():
+    model, obj, x0 = setup()  # teacher_dtype="fp32"
+    key = BatchKey(0, global_batch=8)
+    xt = obj.diffusion.corrupt(x0, key).inputs[0]
+    t, masked = obj.diffusion.times(key, 8), xt == MASK
+    plain = obj.predict(obj.teacher, xt, t, masked, "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's region when train.dtype="bf16"
+        inside = obj.predict(obj.teacher, xt, t, masked, obj.cfg.teacher_dtype)
+        student = obj.predict(model, xt, t, masked)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, atol=0, rtol=0)
+    assert not torch.equal(student, plain)  # the student (same weights) still trains in the engine's bf16

@@ -89,6 +89,20 @@ def test_antithetic_times_cover_the_interval_evenly():
     assert torch.allclose(t.diff(), torch.full((31,), (1 - eps) / 32), atol=1e-5)
 
 
+def test_independent_times_do_not_decide_the_first_mask():
+    # antithetic=false: a sample's time and its position-0 mask draw once shared a seed, so position 0 was masked
+    # exactly when mask_prob(t) > 1 - t. Given t, it must be masked with probability mask_prob(t), not 0 or 1.
+    obj, B = objective(antithetic=False), 2000
+    key = BatchKey(step=2, global_batch=B)
+    masked = obj.corrupt(tokens(B=B, L=1), key).targets[1][:, 0]
+    p = obj.schedule.mask_prob(obj.times(key, B))
+    for half in (p > 0.5, p <= 0.5):
+        assert masked[half].float().mean().item() == pytest.approx(p[half].mean().item(), abs=0.05)
+    # And the time draws stay layout-independent: a sample's t does not depend on the split.
+    part = obj.times(BatchKey(step=2, dp_rank=1, dp_world=2, global_batch=B), B // 2)
+    assert torch.equal(part, obj.times(key, B)[B // 2:])
+
+
 def test_noise_is_independent_of_the_data_parallel_split():
     obj, x0 = objective(), tokens(B=8)
     whole = obj.corrupt(x0, BatchKey(step=7, global_batch=8)).inputs[0]

@@ -48,8 +48,10 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix(seed, step, stream))
 
 
-def per_sample_uniforms(seed: int, key: BatchKey, batch: int, length: int) -> torch.Tensor:
-    """U[0, 1) draws [B, L], row i seeded by sample i's global index."""
-    rows = [torch.rand(length, generator=torch.Generator().manual_seed(mix(seed, key.step, int(i))))
+def per_sample_uniforms(seed: int, key: BatchKey, batch: int, length: int,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U[0, 1) draws [B, L], row i seeded by sample i's global index. Token draws by inverse CDF want float64
+    (as the samplers' draws are): float32 uniforms come in steps of 2^-24, too coarse for rare tokens."""
+    rows = [torch.rand(length, dtype=dtype, generator=torch.Generator().manual_seed(mix(seed, key.step, int(i))))
             for i in key.indices(batch)]
     return torch.stack(rows)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from unmask.config import DiffusionConfig
 from unmask.core.schedule import get_schedule
-from unmask.diffusion.noise import BatchKey, per_sample_uniforms, step_generator
+from unmask.diffusion.noise import BatchKey, mix, per_sample_uniforms, step_generator
+
+TIME_STREAM = 0x71  # seed offset of the per-sample time draws, apart from the mask draws seeded by (seed, step, i)
 
 
 @dataclass
@@ -96,8 +98,8 @@ class MaskedDiffusion:
         if self.cfg.antithetic:  # offsets i/N cover (0, 1] evenly; one shared random shift per step
             frac = (u + idx / key.global_batch) % 1
         else:
-            frac = torch.stack([torch.rand((), generator=step_generator(self.seed, key.step, int(i)))
-                                for i in key.indices(batch)]).double()
+            # Own stream: seeded like the mask draws, position 0's uniform would equal frac (masked iff t > 0.5).
+            frac = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, batch, 1)[:, 0].double()
         return (self.cfg.eps + (1 - self.cfg.eps) * (1 - frac)).float()  # 1 - frac in (0, 1]
 
     def _mask(self, x0, t, u, prompt_mask) -> Corrupted:

@@ -70,9 +70,10 @@ class _Distill:
     def eval_terms(self, model, x0, time_samples, key):
         return self.diffusion.eval_terms(model, x0, time_samples, key)
 
-    def predict(self, model, x: torch.Tensor, t: torch.Tensor, where: torch.Tensor, dtype: str = "fp32"):
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, where: torch.Tensor, dtype: str | None = None):
         """log p(x0 | x) at the positions `where` [B, L]: [N, V] fp32, <mask> never predicted (SUBS). Computed
-        out of place (unlike subs_log_probs) so the student's gradient can flow through it."""
+        out of place (unlike subs_log_probs) so the student's gradient can flow through it. `dtype` None (the
+        student) computes in the engine's autocast region; the teacher's dtype overrides it."""
         args = (x, t) if self.diffusion.time_conditioned else (x,)
         with autocast(dtype, x.device):
             logits = model(*args)[where].float()  # [N, V]
@@ -93,9 +94,10 @@ class _Distill:
         u = per_sample_uniforms(mix(self.seed, REVEAL_STREAM, stream), key, B, L).to(xt.device)
         revealed = masked & (u < p_reveal)  # [B, L]
         # 2. Tokens by inverse-CDF sampling from the teacher, one seeded uniform per position: [N].
-        v = per_sample_uniforms(mix(self.seed, TOKEN_STREAM, stream), key, B, L).to(xt.device)[masked]
+        #    float64 uniforms, like the samplers' draws: float32 ones cannot land in a rare token's CDF interval.
+        v = per_sample_uniforms(mix(self.seed, TOKEN_STREAM, stream), key, B, L, torch.float64).to(xt.device)[masked]
         cdf = log_p.double().exp().cumsum(-1)  # [N, V]
-        tokens = torch.searchsorted(cdf, (v.double() * cdf[:, -1])[:, None])[:, 0].clamp_max(cdf.shape[-1] - 1)
+        tokens = torch.searchsorted(cdf, (v * cdf[:, -1])[:, None])[:, 0].clamp_max(cdf.shape[-1] - 1)
         xs = torch.where(revealed, xt.masked_scatter(masked, tokens), xt)
         return xs, revealed, log_p
 

@@ -44,7 +44,11 @@ class Engine(Protocol):
         """Sum scalars over the data-parallel ranks (the values themselves in one process)."""
 
 
-def autocast(dtype: str, device: torch.device):
+def autocast(dtype: str | None, device: torch.device):
+    """The compute dtype of a region. "fp32" disables autocast, so it holds inside an outer bf16 region too (the
+    frozen fp32 teacher runs inside a bf16 training step); None keeps whatever region the caller is in."""
+    if dtype is None:
+        return contextlib.nullcontext()
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
