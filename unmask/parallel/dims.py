@@ -108,13 +108,13 @@ def setup_parallel(cfg: Config) -> ParallelDims:
     rank, world, local_rank = world_from_env()
     layout = validate_layout(cfg, world)
     dims = ParallelDims(dp=layout.dp, tp=layout.tp, pp=layout.pp, rank=rank, local_rank=local_rank)
+    for key, value in cfg.launch.env_vars.items():
+        os.environ.setdefault(key, value)  # CUDA's allocator reads these at its first allocation, NCCL at its start
     if cfg.parallel.engine == "local":
         return dims
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.set_device(local_rank)
-    for key, value in cfg.launch.env_vars.items():
-        os.environ.setdefault(key, value)  # NCCL reads these when the group starts
     if not torch.distributed.is_initialized():
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
