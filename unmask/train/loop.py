@@ -153,7 +153,8 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
     finally:
         preemption.restore()
         report.finish(status, {"config": [run_dir / "config.toml"], "tokenizer": [cfg.tokenizer_path]})
-    teardown_parallel()
+        if status != "FAILED":  # finished or preempted: every rank is here together (a failure may have left a peer
+            teardown_parallel()  # blocked in a collective, and a barrier would wait for it)
     return last_val
 
 
