@@ -77,6 +77,7 @@ def _load_export(path: Path, device) -> Loaded:
 
     from unmask.model.build import build_model
     from unmask.model.hf.init import read_folder
+    from unmask.model.hf.lazy import load_into
 
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "unmask":
@@ -86,6 +87,6 @@ def _load_export(path: Path, device) -> Loaded:
     model_cfg = ModelConfig(**fields)
     causal = bool(config.get("causal", False))
     model = build_model(model_cfg, causal=causal, device=device)
-    model.load_state_dict(state)
+    load_into(model, state)  # state is read lazily, one tensor at a time
     return Loaded(model.eval(), model_cfg, special, Codec(path), "ar" if causal else "mdlm",
                   config.get("noise_schedule", "loglinear"), path)

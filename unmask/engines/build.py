@@ -7,7 +7,7 @@ needs the whole plain model (distillation's teacher) makes the engine start from
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ class Components:
 
 
 def build_sharded_model(cfg: Config, dims: ParallelDims, device: torch.device,
-                        init_state: dict | None = None) -> nn.Module:
+                        init_state: Mapping | None = None) -> nn.Module:
     """This rank's tensor-parallel share of the model (the whole model at tp=1), built on the meta device and
     filled parameter by parameter from (cfg.train.seed, name) or from `init_state`'s full weights, sliced."""
     model = build_model(cfg.model, causal=cfg.causal, device="meta")
@@ -42,7 +42,7 @@ def build_sharded_model(cfg: Config, dims: ParallelDims, device: torch.device,
     return materialize(model, device, model.init_parameter, cfg.train.seed, source=init_state)
 
 
-def whole_model(cfg: Config, device: torch.device, init_state: dict | None = None) -> nn.Module:
+def whole_model(cfg: Config, device: torch.device, init_state: Mapping | None = None) -> nn.Module:
     """The whole plain model with the same weights as the sharded build (for stages that need all of it)."""
     model = build_model(cfg.model, causal=cfg.causal, device="meta")
     if hasattr(model, "init_parameter"):
@@ -50,12 +50,14 @@ def whole_model(cfg: Config, device: torch.device, init_state: dict | None = Non
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, causal=cfg.causal, device=device)
     if init_state is not None:
-        model.load_state_dict(init_state)
+        from unmask.model.hf.lazy import load_into
+
+        load_into(model, init_state)  # one tensor at a time: init_state may be read lazily
     return model
 
 
 def build_engine(cfg: Config, model: nn.Module | None, objective, dims: ParallelDims, device: torch.device,
-                 init_state: dict | None = None) -> Engine:
+                 init_state: Mapping | None = None) -> Engine:
     """The engine of `parallel.engine`: local, DeepSpeed ZeRO, or DeepSpeed pipeline stages when pp > 1. With
     `model` None each engine builds only its rank's share (`init_state`: full weights to slice from)."""
     if cfg.parallel.engine == "local":
@@ -72,7 +74,7 @@ def build_engine(cfg: Config, model: nn.Module | None, objective, dims: Parallel
 
 
 def build_components(cfg: Config, dims: ParallelDims, device: torch.device, special: SpecialTokens,
-                     init_state: dict | None = None,
+                     init_state: Mapping | None = None,
                      wrap_objective: Callable[[object, nn.Module], object] | None = None) -> Components:
     """Build what a stage trains. The caller has set up the process groups (`setup_parallel`).
 

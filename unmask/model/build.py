@@ -13,7 +13,7 @@ Two ways to give a model its weights:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ def own_slice(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_parameter(name: str, p: torch.Tensor, init: InitRule, seed: int, source: dict | None = None) -> None:
+def fill_parameter(name: str, p: torch.Tensor, init: InitRule, seed: int, source: Mapping | None = None) -> None:
     """Fill `p` (this rank's part of plain parameter `name`) from `source[name]` if given, else from `init`: the
     full tensor is made once, sliced and freed."""
     if source is not None:
@@ -88,7 +88,7 @@ def fill_parameter(name: str, p: torch.Tensor, init: InitRule, seed: int, source
 
 
 def materialize(module: nn.Module, device: str | torch.device, init: InitRule, seed: int,
-                plain_name: Callable[[str], str] = lambda n: n, source: dict | None = None) -> nn.Module:
+                plain_name: Callable[[str], str] = lambda n: n, source: Mapping | None = None) -> nn.Module:
     """Give every parameter of `module` (meta or already allocated at shard size) its weights on `device`, one
     parameter at a time (`fill_parameter`). `plain_name` maps the module's parameter names to the plain model's
     (a pipeline layer's `block.x` -> `layers.3.x`); tied parameters stay one parameter. Buffers must be

@@ -29,17 +29,17 @@ def to_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]
     return {"model." + k: v for k, v in state.items() if not (tied and k == "output.weight")}
 
 
+def plain_key(hf_key: str) -> str:
+    """One UnmaskForMaskedLM key -> its plain key (lm_head.* of older exports -> output.*)."""
+    if hf_key.startswith("lm_head."):
+        return "output." + hf_key.removeprefix("lm_head.")
+    return hf_key.removeprefix("model.")
+
+
 def from_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
     """UnmaskForMaskedLM keys -> plain keys (the inverse of `to_hf`). Also reads folders exported before the
     wrapper held unmask's backbone (lm_head.* for output.*, head.* at the top)."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith("lm_head."):
-            out["output." + k.removeprefix("lm_head.")] = v
-        elif k.startswith("model."):
-            out[k.removeprefix("model.")] = v
-        else:
-            out[k] = v
+    out = {plain_key(k): v for k, v in state.items()}
     if tied:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out

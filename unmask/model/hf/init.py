@@ -10,6 +10,7 @@ ignores the folder (the checkpoint's weights are newer).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,36 +18,45 @@ import torch
 from unmask.config import Config, ModelConfig
 from unmask.data.special import SpecialTokens
 from unmask.errors import CheckpointError, ConfigError
+from unmask.model.hf.lazy import LazyState
 
 # UnmaskConfig field -> ModelConfig field (the rest have the same name)
 _RENAMED = {"tie_word_embeddings": "tie_embeddings"}
 
 
-def _read_unmask(folder: Path, config: dict) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
-    from safetensors.torch import load_file
+def _read_unmask(folder: Path, config: dict) -> tuple[dict, LazyState, SpecialTokens]:
+    from safetensors import safe_open
 
-    from unmask.model.hf.adapter import from_hf
+    from unmask.model.hf.adapter import plain_key
 
     fields = {_RENAMED.get(k, k): v for k, v in config.items()
               if _RENAMED.get(k, k) in ModelConfig.model_fields and k != "size"}
-    files = [folder / "model.safetensors"]
     index = folder / "model.safetensors.index.json"
-    if index.is_file():  # sharded save_pretrained output
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if index.is_file():  # sharded save_pretrained output: the index says which file holds each key
+        where = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        where = {}
+    files = sorted(set(where.values())) or [folder / "model.safetensors"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{folder}: weight file(s) {missing} missing; re-run `unmask export`")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    state = {k: v.to(torch.float32) for k, v in state.items()}
+    if not where:
+        with safe_open(str(files[0]), framework="pt") as f:  # reads the header only
+            where = {k: files[0] for k in f.keys()}
+    # Read on demand: a rank then holds its share plus one full tensor in transit (unmask.model.hf.lazy).
+    sources = {plain_key(k): (f, k) for k, f in where.items()}
+    if config.get("tie_word_embeddings"):  # stored once, as the embeddings (to_hf)
+        sources["output.weight"] = sources["tok_embeddings.weight"]
     special = SpecialTokens(pad=config["pad_token_id"], unk=config.get("unk_token_id", 1),
                             bos=config["bos_token_id"], eos=config["eos_token_id"], mask=config["mask_token_id"])
-    return fields, from_hf(state, bool(config.get("tie_word_embeddings"))), special
+    return fields, LazyState(sources), special
 
 
-def read_folder(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
-    """(ModelConfig fields, plain fp32 state dict, special tokens) of an unmask export or a BERT/RoBERTa MLM."""
+def read_folder(hf_dir: str | Path) -> tuple[dict, Mapping[str, torch.Tensor], SpecialTokens]:
+    """(ModelConfig fields, plain fp32 state, special tokens) of an unmask export or a BERT/RoBERTa MLM. An
+    export's state is a `LazyState` (each tensor read when asked for); a BERT/RoBERTa one is a dict, since
+    transformers resolves its tying and legacy names by loading the model whole (and unmask's BERT family is
+    built whole anyway: it has no per-parameter rule)."""
     from unmask.model.hf.adapter import from_bert, from_roberta
 
     folder = Path(hf_dir)
@@ -67,9 +77,10 @@ def read_folder(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], Spec
     return readers[kind]()
 
 
-def init_from(hf_dir: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor], dict]:
-    """(plain state dict to load into the model, ModelConfig fields that replace cfg.model). Checks the folder's
-    special ids and vocabulary against the run's training shards, when their manifest is there."""
+def init_from(hf_dir: str | Path, cfg: Config) -> tuple[Mapping[str, torch.Tensor], dict]:
+    """(plain state to load into the model, read lazily for an export (see `read_folder`), ModelConfig fields
+    that replace cfg.model). Checks the folder's special ids and vocabulary against the run's training shards,
+    when their manifest is there."""
     fields, state, special = read_folder(hf_dir)
     manifest = Path(cfg.data.train_dir) / "manifest.json"
     if manifest.is_file():

@@ -1,0 +1,80 @@
+"""A Hugging Face weight folder read one tensor at a time (`--init-from` of an `unmask export`).
+
+Construction fills the model parameter by parameter and keeps only this rank's slice of each full tensor
+(unmask.model.build.materialize), so a state that is read on demand lets a rank hold its share plus one full
+tensor in transit, never the whole model: `LazyState` is a read-only Mapping of plain keys whose `[key]` opens
+the safetensors file and reads that tensor alone. `load_into` is `load_state_dict` for such a state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class LazyState(Mapping):
+    """Plain key -> fp32 tensor, read from `sources[key] = (file, key in the file)` when asked for. `reads`
+    counts the tensors read (tests check that nothing is read twice or ahead of time)."""
+
+    def __init__(self, sources: dict[str, tuple[Path, str]]):
+        self.sources = sources
+        self.reads = 0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file, stored = self.sources[key]  # KeyError for a key the folder does not have, as a dict
+        with safe_open(str(file), framework="pt") as f:
+            tensor = f.get_tensor(stored)
+        self.reads += 1
+        return tensor.to(torch.float32)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self.sources
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def shape(self, key: str) -> list[int]:
+        """The stored shape of `key`, from the file's header (no tensor read)."""
+        from safetensors import safe_open
+
+        file, stored = self.sources[key]
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.get_slice(stored).get_shape())
+
+
+@torch.no_grad()
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """`model.load_state_dict(state)` (strict, same errors) that reads `state` one tensor at a time, so a lazy
+    state is never whole in memory; a tied parameter is read once."""
+    if isinstance(state, dict):
+        model.load_state_dict(state)
+        return model
+    name = model.__class__.__name__
+    targets = model.state_dict(keep_vars=True)
+    errors = []
+    if missing := [k for k in targets if k not in state]:
+        errors.append("Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+    if unexpected := [k for k in state if k not in targets]:
+        errors.append("Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+    if errors:
+        raise RuntimeError("Error(s) in loading state_dict for {}:\n\t{}".format(name, "\n\t".join(errors)))
+    done: set[int] = set()
+    for key, target in targets.items():
+        if id(target) in done:
+            continue
+        done.add(id(target))
+        value = state[key]
+        if value.shape != target.shape:
+            raise RuntimeError(f"Error(s) in loading state_dict for {name}:\n\tsize mismatch for {key}: copying a "
+                               f"param with shape {value.shape} from checkpoint, the shape in current model is "
+                               f"{target.shape}.")
+        target.copy_(value)
+    return model
