@@ -1,0 +1,15 @@
+"""`--init-from` into a sharded model: each rank reads the export tensor by tensor (LazyState) and keeps its share;
+the gathered weights are the folder's exactly, for tensor parallelism and for ZeRO-3."""
+
+import pytest
+from _parallel_common import launch
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("layout", ["tp2", "zero3"])
+def test_sharded_model_starts_from_the_folder_reading_each_tensor_once(tmp_path, layout):
+    r = launch("_init_from_sharded.py", 2, tmp_path, layout)
+    assert r["keys"], r
+    assert r["diff"] == 0.0, r
+    assert r["reads"] == [r["tensors"]] * 2, r  # every rank read each tensor once, none twice
