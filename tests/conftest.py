@@ -14,7 +14,7 @@ from unmask.data.prepare import PrepareOptions, prepare_data
 # Persistent across test runs so that only the first run needs the network (set to relocate it).
 CACHE = Path(os.environ.get("UNMASK_CACHE_DIR", Path.home() / ".cache" / "unmask"))
 
-# Short works, ~0.4 MB of text: ~1240 train samples of 128 tokens in 32 shards, ~450 val samples (3 works).
+# Short works, ~0.4 MB of text: ~1250 train samples of 128 tokens in 33 shards, ~450 val samples (3 works).
 TINY_WORKS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
               "rape_of_lucrece", "comedy_of_errors", "tempest")
 

@@ -28,7 +28,9 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
 
 def detokenize(out: Path, split: str) -> list[str]:
     tok = Tokenizer(out / "tokenizer.model")
-    flat = split_tokens(out, split).ravel()
+    rows = split_tokens(out, split)
+    assert (rows[:, 0] == tok.special.bos).all(), "every sample opens with <bos>"
+    flat = rows[:, 1:].ravel()
     flat = flat[flat != tok.special.pad]
     ends = np.flatnonzero(flat == tok.special.eos)
     assert len(ends) and ends[-1] == len(flat) - 1, "every document ends with <eos>"

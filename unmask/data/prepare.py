@@ -9,7 +9,8 @@ Stages:
 Re-running: OUT/.prepare-data.json records the settings (inputs with sizes and mtimes, every option
 that changes the output). Same settings and both manifests present: nothing to do. Same settings but
 incomplete (interrupted): leftovers are removed and the shards rewritten; a tokenizer that had been
-completely written is kept. Other settings over an incomplete run: it is replaced. Other settings over
+completely written is kept. Same settings written by an older shard format: the shards are rewritten
+with the tokenizer kept. Other settings over an incomplete run: it is replaced. Other settings over
 a complete run, or a non-empty OUT that prepare-data did not create: refused with a DataError. Output
 is deterministic, so a finished re-run equals an uninterrupted run.
 """
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from unmask.data import documents as docs_mod
 from unmask.data.fsutil import PARTIAL, atomic_write_text, sha256_file
-from unmask.data.shards import MANIFEST, Manifest, Packer, SplitWriter, read_manifest, token_dtype
+from unmask.data.shards import FORMAT, MANIFEST, Manifest, Packer, SplitWriter, read_manifest, token_dtype
 from unmask.data.tokenizer import Tokenizer, export_hf_tokenizer, sample_lines, train_tokenizer
 from unmask.errors import DataError
 
@@ -142,7 +143,7 @@ def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
         inputs=inputs, vocab_size=None if tok else opts.vocab_size, seq_len=opts.seq_len,
         tokenizer_type=None if tok else opts.tokenizer_type, tokenizer_sha256=tok, jsonl_field=opts.jsonl_field,
         val_fraction=opts.val_fraction, shard_size_mb=opts.shard_size_mb, cross_document=opts.cross_document,
-        seed=opts.seed, max_sentences=None if tok else opts.max_sentences,
+        seed=opts.seed, max_sentences=None if tok else opts.max_sentences, format=FORMAT,
     )
 
 
@@ -152,6 +153,13 @@ def _claim(out: Path, settings: dict) -> bool:
     if state.is_file():
         old = json.loads(state.read_text())
         complete = all((out / s / MANIFEST).is_file() for s in SPLITS) and (out / "tokenizer.json").is_file()
+        if old != settings and {**old, "format": FORMAT} == settings:
+            # an older unmask's shards (say, rows without the leading <bos>): the tokenizer stays valid
+            print(f"{out}: shards written by an older unmask ({old.get('format', 'unmask-shards/1')}); "
+                  f"rewriting them as {FORMAT} with the same tokenizer")
+            _remove_leftovers(out)
+            atomic_write_text(state, json.dumps(settings, indent=1))
+            return False
         if old != settings:
             key = next((k for k in settings if old.get(k) != settings[k]), "format")
             what = "the input files changed" if key == "inputs" else (

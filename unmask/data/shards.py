@@ -6,12 +6,14 @@ Format of a split directory (`OUT/train`, `OUT/val`):
 - `manifest.json`: written last. Its presence is what makes the split whole; shards are first written
   as `*.tar.partial` and renamed when complete, so an interrupted run leaves nothing a reader accepts.
 
-Packing (MDLM-style wrapping): documents are concatenated, each followed by `<eos>`, and the stream is
-cut every `seq_len` tokens, so a sample may hold the end of one document and the start of the next.
+Packing (MDLM-style wrapping): documents are concatenated, each followed by `<eos>`, and every sample is
+`<bos>` followed by the next `seq_len - 1` tokens of that stream, so a sample may hold the end of one
+document and the start of the next. Position 0 is always `<bos>`: that is where every sampler template,
+the evaluations and the AR judge put it, so conditioning on it is trained (manifest `row_prefix: "bos"`).
 With `cross_document=False` a sample never holds two documents: each document (+ `<eos>`) is cut on
 its own and its last piece is padded with `<pad>`. In both modes the split's final sample is padded,
-so no token is dropped: concatenating the samples, removing `<pad>` and splitting at `<eos>` gives
-back every document's token ids.
+so no token is dropped: concatenating the samples without their `<bos>`, removing `<pad>` and splitting
+at `<eos>` gives back every document's token ids.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from unmask.data.fsutil import HashingWriter, atomic_write_text, commit, partial
 from unmask.data.special import SpecialTokens
 from unmask.errors import DataError
 
-FORMAT = "unmask-shards/1"
+FORMAT = "unmask-shards/2"  # /1: rows were cut from the stream without a leading <bos>
+ROW_PREFIX = "bos"
 MANIFEST = "manifest.json"
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to whole records
@@ -62,7 +65,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardInfo:
     name: str
     samples: int
-    tokens: int  # non-padding tokens (document tokens and <eos>)
+    tokens: int  # non-padding tokens (<bos>, document tokens and <eos>)
     bytes: int
     sha256: str
 
@@ -81,6 +84,7 @@ class Manifest:
     num_documents: int
     shards: tuple[ShardInfo, ...]
     format: str = FORMAT
+    row_prefix: str = ROW_PREFIX  # the token every sample starts with
     path: Path | str | None = field(default=None, compare=False)  # the split directory (or URL) it was read from
 
     def to_json(self) -> str:
@@ -93,8 +97,12 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, path: Path | str) -> Manifest:
         d = json.loads(text)
-        if d.get("format") != FORMAT:
-            raise DataError(f"{path}/{MANIFEST}: format {d.get('format')!r}, this unmask reads {FORMAT!r}")
+        if d.get("format") == "unmask-shards/1" or (d.get("format") == FORMAT and "row_prefix" not in d):
+            raise DataError(f"{path}: shards written by an older unmask, whose rows do not begin with <bos> as "
+                            "every sampler template does; re-run `unmask prepare-data` to rewrite them")
+        if d.get("format") != FORMAT or d.get("row_prefix") != ROW_PREFIX:
+            raise DataError(f"{path}/{MANIFEST}: format {d.get('format')!r} with row_prefix "
+                            f"{d.get('row_prefix')!r}; this unmask reads {FORMAT!r} with {ROW_PREFIX!r}")
         d["special"] = SpecialTokens.from_dict(d.pop("special_tokens"))
         d["shards"] = tuple(ShardInfo(**s) for s in d["shards"])
         return cls(**d, path=path)
@@ -126,6 +134,7 @@ class Packer:
 
     def __init__(self, seq_len: int, special: SpecialTokens, cross_document: bool = True):
         self.seq_len, self.special, self.cross_document = seq_len, special, cross_document
+        self.body = seq_len - 1  # stream tokens per sample, after its <bos>
         self._parts: list[np.ndarray] = []
         self._buffered = 0
 
@@ -136,9 +145,9 @@ class Packer:
             return
         self._parts.append(doc)
         self._buffered += len(doc)
-        if self._buffered >= self.seq_len:
+        if self._buffered >= self.body:
             stream = np.concatenate(self._parts)
-            full = len(stream) - len(stream) % self.seq_len
+            full = len(stream) - len(stream) % self.body
             yield from self._cut(stream[:full], pad=False)
             self._parts = [stream[full:]]
             self._buffered = len(stream) - full
@@ -149,8 +158,9 @@ class Packer:
         self._parts, self._buffered = [], 0
 
     def _cut(self, stream: np.ndarray, pad: bool) -> Iterator[np.ndarray]:
-        for start in range(0, len(stream), self.seq_len):
-            piece = stream[start : start + self.seq_len]
+        bos = np.array([self.special.bos], dtype=stream.dtype)
+        for start in range(0, len(stream), self.body):
+            piece = np.concatenate([bos, stream[start : start + self.body]])
             if len(piece) < self.seq_len:
                 assert pad
                 piece = np.concatenate([piece, np.full(self.seq_len - len(piece), self.special.pad, piece.dtype)])

@@ -1,7 +1,9 @@
 """The autoregressive baseline: same backbone with causal attention, next-token loss.
 
 Its perplexity on held-out shards is directly comparable with the masked-diffusion perplexity bound
-(the AR model predicts tokens 2..L of each sequence; the diffusion bound covers all L)."""
+(the AR model predicts tokens 2..L of each sequence; the diffusion bound covers all L). Every row opens
+with <bos> (shards.py), so the model always reads <bos> at position 0, as the AR judge (UnmaskCausalLM)
+prefixes every text it scores."""
 
 from __future__ import annotations
 
