@@ -34,6 +34,16 @@ def test_gumbel_max_samples_the_tempered_softmax(temperature):
     assert close(freq, (LOGITS[0].double() / temperature).softmax(-1))
 
 
+@pytest.mark.parametrize("knobs", [dict(temperature=0.5, top_k=0, top_p=1.0), dict(temperature=1.0, top_k=1, top_p=1.0),
+                                   dict(temperature=2.0, top_k=0, top_p=0.5), dict(temperature=0, top_k=0, top_p=1.0)])
+def test_confidence_is_the_models_own_probability_of_the_token(knobs):
+    # LLaDA ranks remasking by the raw softmax: under top_k=1 the filtered distribution would give every token
+    # probability 1 and make the ranking meaningless.
+    logits = torch.randn(64, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tokens, confidence = choose_tokens(logits, generator=torch.Generator().manual_seed(0), **knobs)
+    torch.testing.assert_close(confidence, logits.softmax(-1).gather(-1, tokens[:, None])[:, 0], rtol=0, atol=0)
+
+
 def test_top_k_and_top_p_renormalise_the_kept_tokens():
     probs = LOGITS[0].double().softmax(-1)  # 0.56, 0.21, 0.13, 0.08, 0.03, 0.004
     freq = draw(LOGITS, temperature=1.0, top_k=2, top_p=1.0)

@@ -79,15 +79,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 logits [N, V] -> (tokens [N], their probability under the sampling distribution [N])."""
+    """float64 logits [N, V] -> (tokens [N] drawn from the tempered, filtered distribution, their confidence [N]).
+
+    The confidence that low-confidence remasking ranks by is the model's own probability of the token (the raw
+    softmax, as LLaDA's `generate`), not its probability under the temperature and top-k/top-p filter: a filter
+    that keeps one token would otherwise make every choice look certain."""
+    confidence = logits.softmax(-1)
     if temperature == 0:  # greedy: no noise drawn
-        return logits.argmax(-1), logits.softmax(-1).max(-1).values
-    logits = filter_logits(logits / temperature, top_k, top_p)
+        return logits.argmax(-1), confidence.max(-1).values
+    filtered = filter_logits(logits / temperature, top_k, top_p)
     # Gumbel-max in float64: float32 noise shifts low-probability tokens' odds (Zheng et al. 2024).
-    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    u = torch.rand(filtered.shape, dtype=torch.float64, generator=generator, device=logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
-    tokens = (logits + gumbel).argmax(-1)
-    return tokens, logits.softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    tokens = (filtered + gumbel).argmax(-1)
+    return tokens, confidence.gather(-1, tokens[:, None])[:, 0]
 
 
 class StepContext:
