@@ -45,9 +45,10 @@ def samples_at(loaded, steps: int, reference=None, *, num_samples: int, length: 
     from unmask.diffusion.sampler_template import prompt_template
     from unmask.eval.diversity import diversity
     from unmask.eval.genppl import generative_perplexity
+    from unmask.eval.likelihood import model_device
 
     template, prompt_mask = prompt_template([[]] * num_samples, length, loaded.special)
-    device = next(loaded.model.parameters()).device
+    device = model_device(loaded.model)
     template, prompt_mask = template.to(device), prompt_mask.to(device)
     config = SamplerConfig(kind=sampler, steps=steps, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                            block_length=block_length)

@@ -35,7 +35,7 @@ class LikelihoodResult:
         return {**asdict(self), "bits_per_token": self.bits_per_token}
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
@@ -57,7 +57,7 @@ def ratio_with_stderr(nll: torch.Tensor, counts: torch.Tensor) -> tuple[float, f
 def evaluate_likelihood(model, objective, batches: Iterable[torch.Tensor], time_samples: int = 4,
                         seed: int = 0, max_batches: int | None = None) -> LikelihoodResult:
     """Score token batches [B, L] with `objective.eval_terms`; batch i uses mask seed `seed + i`."""
-    device = _device(model)
+    device = model_device(model)
     nlls, counts = [], []
     for i, x0 in enumerate(batches):
         if max_batches is not None and i >= max_batches:
