@@ -5,12 +5,11 @@ sequences, fp32, so weights and optimizer state dominate. Peak RSS per process (
 after model construction and after one step:
 - construction: every rank of TP=2, PP=2 and ZeRO-3 (DP=2) holds its share plus one tensor in transit, never the
   whole model (the one-process reference does);
-- one step: TP=2 and PP=2 stay within 0.6x of the one-process run and below the full model's weights plus its
-  Adam moments (12 bytes per parameter). ZeRO-3 stays within 0.8x (measured 0.71x; 1.03x before optimizer
-  sub-groups and fused AdamW, 1.43x before sharded construction). In fp32 DeepSpeed 0.19's stage 3 keeps a
-  duplicate fp32 master partition (its alias for fp32 weights compares a torch.device with a str, never true),
-  so three partition-sized copies sit beside Adam: 10 of the one-process run's 16 bytes per parameter. In bf16
-  (the presets) it measures 0.59x: `python bench/memory.py --layouts one,zero3 --dtype bf16`.
+- one step: TP=2, PP=2 and ZeRO-3 stay within 0.6x of the one-process run, TP and PP below the full model's
+  weights plus its Adam moments (12 bytes per parameter). ZeRO-3 measured 0.60x (3.08 of 5.15 GiB): 0.71x while
+  DeepSpeed 0.19 kept a duplicate fp32 master partition (unmask.engines.deepspeed.alias_zero3_fp32_masters),
+  1.03x before optimizer sub-groups and fused AdamW, 1.43x before sharded construction. In bf16 (the presets)
+  it measures 0.59x: `python bench/memory.py --layouts one,zero3 --dtype bf16`.
 Memory is stable enough to assert on (time is not). One layout at a time: at most two ~3 GiB processes."""
 
 import importlib.util
@@ -39,8 +38,7 @@ def test_each_rank_builds_and_steps_in_its_share():
     for name in ("tp2", "pp2", "zero3"):
         for rank, r in enumerate(bench.run_layout(name)):
             assert r["model"] - r["start"] < 0.6 * weights, (name, rank, r)  # own share + one tensor in transit
-            if name == "zero3":
-                assert r["step"] < 0.8 * one["step"], (name, rank, r, one)  # measured 0.71x (was 1.43x)
-                continue
             assert r["step"] <= 0.6 * one["step"], (name, rank, r, one)
+            if name == "zero3":
+                continue
             assert r["step"] - r["start"] < 3 * weights, (name, rank, r)  # full weights + full Adam moments
