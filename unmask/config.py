@@ -88,6 +88,10 @@ class DiffusionConfig(Section):
     schedule: str = Field("loglinear", description="noise schedule alpha(t): loglinear or cosine")
     eps: float = Field(1e-3, gt=0, lt=1, description="smallest time sampled, t in (eps, 1]")
     antithetic: bool = Field(True, description="low-discrepancy time sampling over the batch")
+    estimator: Literal["continuous", "exact_count"] = Field(
+        "continuous", description="continuous: mask each token w.p. 1-alpha(t), weight w(t); exact_count: mask "
+        "exactly k~U{1..n} of a row's n tokens, weight n/k (LLaDA; lower variance). Validation always uses exact_count"
+    )
     random_length_prob: float = Field(
         0.0, ge=0, le=1, description="fraction of batches cropped to a random length (LLaDA uses 0.01)"
     )
