@@ -160,11 +160,13 @@ class MaskedDiffusion:
 
         Always the exact-count estimator (the lower-variance one), whatever the training estimator. `key` places
         the batch in the evaluated set (an int n means BatchKey(step=n): rows are samples 0..B-1). Each sample
-        (by its global index in `key`) gets `time_samples` draws with k stratified over them by a fixed
-        per-sample offset, and mask draws seeded by (seed, key.step, index)."""
+        (by its global index in `key`) gets `time_samples` draws with k stratified over them, and a stratum
+        offset and mask draws seeded by (seed, key.step, index)."""
         B, L = x0.shape
         key = BatchKey(step=key, global_batch=B) if isinstance(key, int) else key
-        offset = (key.indices(B).double() * 0.6180339887498949) % 1  # golden-ratio spread of the offsets
+        # A random stratum offset per sample, seeded by (key, index) like its masks: deterministic, and unbiased
+        # over keys (a fixed offset per index would tie each sample's counts k to its position).
+        offset = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, B, 1)[:, 0].double()  # [B]
         draws = []
         for j in range(time_samples):
             frac = ((j + offset) / time_samples).to(x0.device)  # [B] in [0, 1), one per stratum
