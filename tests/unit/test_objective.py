@@ -303,3 +303,9 @@ def test_validation_reports_the_standard_error_of_its_estimate():
     row = validation_row(objective(), Context())
     assert 0 < row["val_nelbo_se"] < 0.1 * row["val_nelbo"], row
     assert validation_row(Autoregressive(PAD), Context())["val_nelbo_se"] == 0
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_time_at_inverts_the_mask_probability(schedule):
+    s, p = get_schedule(schedule), torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(s.mask_prob(s.time_at(p)), p, atol=1e-9)
