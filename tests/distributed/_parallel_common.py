@@ -68,7 +68,7 @@ def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
     ranks = [dims.dp_rank] if split == dims.dp else range(split)
     terms = [0.0, 0.0]
     for r in ranks:  # held-out rows strided like the loader
-        per_seq, counts = engine.eval_terms(x0[r::split], 2, 123)
+        per_seq, counts, _ = engine.eval_terms(x0[r::split], 2, 123)
         terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
     return {"loss": losses, "grad_norm": norms, "eval": engine.all_reduce_dp(terms), "dims": dims, "engine": engine}
 

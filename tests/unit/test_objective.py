@@ -166,3 +166,146 @@ def test_autoregressive_loss_is_next_token_nll():
     out = ar.loss(Oracle(torch.cat([x0[:, 1:], x0[:, :1]], 1)), x0)
     assert out.loss.item() == pytest.approx(0.0, abs=1e-6) and out.num_tokens == 14
     assert ar.loss(Uniform(), x0).loss.item() == pytest.approx(math.log(V), rel=1e-5)
+
+
+# --- the exact-count estimator (LLaDA's likelihood estimator) beside the continuous one ---
+
+class Context(torch.nn.Module):
+    """A fixed random network whose CE depends on which tokens are visible, so the estimators have variance."""
+
+    def __init__(self, vocab=V):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, 8, generator=g))
+        self.out = torch.nn.Parameter(torch.randn(16, vocab, generator=g) * 0.3)
+
+    def forward(self, xt, t=None):
+        e = self.emb[xt]  # [B, L, 8]
+        return torch.cat([e, e.mean(1, keepdim=True).expand_as(e) * 4], -1) @ self.out
+
+
+@torch.no_grad()
+def exact_nelbo(model, x0):
+    """NELBO per token by enumeration, from the any-order identity NELBO = sum_k (1/k) E_{|M|=k}[sum_{i in M} CE_i]."""
+    B, L = x0.shape
+    total = 0.0
+    for bits in range(1, 2**L):
+        m = torch.tensor([(bits >> i) & 1 for i in range(L)], dtype=torch.bool).expand(B, L)
+        k = int(m[0].sum())
+        logits = model(torch.where(m, MASK, x0)).float()
+        logits[..., MASK] = float("-inf")
+        ce = torch.nn.functional.cross_entropy(logits[m], x0[m], reduction="sum")
+        total += ce.item() / k / math.comb(L, k)
+    return total / (B * L)
+
+
+def losses_over_steps(obj, model, x0, steps, **kw):
+    B = x0.shape[0]
+    return torch.tensor([obj.loss(model, x0, BatchKey(step=s, global_batch=B), **kw).loss.item() for s in range(steps)])
+
+
+@pytest.mark.parametrize("estimator", ["continuous", "exact_count"])
+def test_both_estimators_are_unbiased_for_a_context_dependent_model(estimator):
+    x0, model = tokens(B=32, L=6, seed=3), Context()
+    exact = exact_nelbo(model, x0)
+    losses = losses_over_steps(objective(estimator=estimator, eps=1e-5), model, x0, 300)
+    stderr = losses.std().item() / math.sqrt(len(losses))
+    assert abs(losses.mean().item() - exact) < 4 * stderr, (estimator, losses.mean().item(), exact, stderr)
+
+
+def test_exact_count_scores_a_uniform_model_exactly_log_vocab_every_step():
+    # n/k weight times k masked tokens of CE log(V-1) each: exactly n log(V-1) per row, so no variance at all.
+    x0 = tokens(B=16, L=32)
+    x0[:5, 20:] = PAD
+    prompt = torch.zeros_like(x0, dtype=torch.bool)
+    prompt[8:, :7] = True
+    obj = objective(estimator="exact_count", prompt_conditioned=True)
+    losses = losses_over_steps(obj, Uniform(), x0, 20, prompt_mask=prompt)
+    assert torch.allclose(losses, torch.full_like(losses, math.log(V - 1)), atol=1e-5)
+    assert obj.loss(Oracle(x0), x0, BatchKey(step=0, global_batch=16)).loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_exact_count_has_at_least_half_the_spread_of_the_continuous_loss():
+    x0, model = tokens(B=16, L=32, seed=4), Context()
+    cont = losses_over_steps(objective(), model, x0, 200).std().item()
+    exact = losses_over_steps(objective(estimator="exact_count"), model, x0, 200).std().item()
+    print(f"\nloss std over 200 steps: continuous {cont:.4f}, exact_count {exact:.4f} ({cont / exact:.1f}x)")
+    assert 2 * exact <= cont
+
+
+def test_exact_count_masks_exactly_k_whatever_the_split():
+    obj = MaskedDiffusion(DiffusionConfig(estimator="exact_count", prompt_conditioned=True), MASK, PAD, seed=1,
+                          time_conditioned=True)
+    x0 = tokens(B=8, L=32)
+    x0[2, 9:] = PAD
+    x0[3] = PAD  # nothing to mask: k = 0
+    prompt = torch.zeros_like(x0, dtype=torch.bool)
+    prompt[4:, :5] = True
+    key = BatchKey(step=7, global_batch=8)
+    c = obj.corrupt(x0, key, prompt)
+    (xt, t), (_, masked, weight, n) = c.inputs, c.targets
+    k = torch.minimum(n, (obj.fractions(key, 8) * n).floor().long() + 1)
+    assert n.tolist() == [32, 32, 9, 0, 27, 27, 27, 27] and torch.equal(masked.sum(1), k)
+    assert not masked[prompt | (x0 == PAD)].any() and (xt[masked] == MASK).all()
+    assert torch.allclose(t, k / n.clamp_min(1)) and torch.allclose(weight[n > 0], (n / k)[n > 0].float())
+    for rank in range(2):  # the data-parallel split and the micro-batch split give each sample the same masks
+        for part in (BatchKey(step=7, dp_rank=rank, dp_world=2, global_batch=8),
+                     BatchKey(step=7, micro=rank, global_batch=8)):
+            rows = slice(4 * rank, 4 * rank + 4)
+            assert torch.equal(obj.corrupt(x0[rows], part, prompt[rows]).targets[1], masked[rows])
+
+
+def test_exact_count_k_is_uniform_and_survives_random_length_crops():
+    obj = objective(estimator="exact_count", random_length_prob=0.5)
+    counts = torch.zeros(9)
+    for s in range(40):
+        c = obj.corrupt(tokens(B=64, L=8), BatchKey(step=s, global_batch=64))
+        masked, n = c.targets[1], c.targets[3]
+        assert (masked.sum(1) >= 1).all() and (masked.sum(1) <= n).all()
+        if masked.shape[1] == 8:
+            counts += torch.bincount(masked.sum(1), minlength=9)
+    share = counts[1:] / counts.sum()  # antithetic over the batch: each k in 1..8 takes 1/8 of the rows
+    assert torch.allclose(share, torch.full((8,), 1 / 8), atol=0.01), share
+
+
+def test_eval_terms_are_unbiased_and_their_standard_error_is_conservative():
+    x0, model, obj = tokens(B=32, L=6, seed=3), Context(), objective()
+    exact = exact_nelbo(model, x0)
+    est, se = [], []
+    for s in range(60):
+        terms = obj.eval_terms(model, x0, 4, s)
+        est.append(float(terms.nll.sum() / terms.tokens.sum()))
+        se.append(math.sqrt(float(terms.mc_var.sum())) / float(terms.tokens.sum()))
+    est = torch.tensor(est)
+    assert abs(est.mean().item() - exact) < 4 * est.std().item() / math.sqrt(len(est))
+    assert 0 < est.std().item() <= 1.2 * sum(se) / len(se), (est.std().item(), sum(se) / len(se))
+
+
+def validation_row(objective_, model):
+    from types import SimpleNamespace
+
+    from unmask.config import Config
+    from unmask.train.validation import validate
+
+    class Engine:
+        def eval_terms(self, x0, time_samples, key):
+            return objective_.eval_terms(model, x0, time_samples, key)
+
+        def all_reduce_dp(self, values):
+            return values
+
+    cfg = Config.model_validate({"train": {"micro_batch_size": 8, "seq_len": 16}})
+    dims = SimpleNamespace(dp_rank=0, dp=1)
+    return validate(Engine(), [tokens(B=8, L=16, seed=s) for s in range(2)], cfg, dims, PAD)
+
+
+def test_validation_reports_the_standard_error_of_its_estimate():
+    row = validation_row(objective(), Context())
+    assert 0 < row["val_nelbo_se"] < 0.1 * row["val_nelbo"], row
+    assert validation_row(Autoregressive(PAD), Context())["val_nelbo_se"] == 0
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_time_at_inverts_the_mask_probability(schedule):
+    s, p = get_schedule(schedule), torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(s.mask_prob(s.time_at(p)), p, atol=1e-9)

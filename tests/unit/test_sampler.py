@@ -165,3 +165,28 @@ def test_time_conditioned_model_gets_decreasing_times():
     out = sample(Spy(), template, SamplerConfig(steps=6, cache=False), SP)
     assert not (out.tokens == SP.mask).any()
     assert times == sorted(times, reverse=True) and times[0] == 1.0 and 0 < times[-1] < 1
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_time_conditioned_model_reads_each_rows_share_of_masks_in_block_decoding(guidance):
+    # Training feeds the network t with mask probability = the share of the row's maskable tokens masked; block
+    # decoding once passed each block's own schedule time (1.0 at the start of every block) whatever the row.
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny", time_conditioning=True))
+    calls = []
+
+    class Spy(torch.nn.Module):
+        cfg = model.cfg
+
+        def forward(self, x, t=None):
+            calls.append((x.clone(), t.clone()))
+            return model(x, t)
+
+    template, prompt = prompt_template([[7, 8], [7, 8, 9, 10, 11]], 18, SP)  # 15 and 12 positions to generate
+    config = SamplerConfig(kind="remask", steps=8, block_length=4, guidance=guidance, cache=False)
+    sample(Spy(), template, config, SP, prompt_mask=prompt)
+    maskable = torch.cat([~prompt, torch.ones_like(prompt)]) if guidance else ~prompt  # unconditional: prompt masked
+    for x, t in calls:
+        share = (x == SP.mask).sum(1) / maskable.sum(1)
+        assert torch.allclose(t, share.float()), (t, share)
+    assert len(calls) == 8 and calls[2][1][0].item() == pytest.approx(11 / 15)  # block 2 starts with 3 blocks masked

@@ -142,7 +142,7 @@ def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: in
     blocks = block_ids(generated, o.block_length)  # [B, L]
     per_block = split_steps(o.steps, int(blocks.max()) + 1)
     generator = torch.Generator(device=template.device).manual_seed(o.seed)
-    denoiser = Denoiser(model, mask_id, time_conditioned, o.guidance, prompt_mask, o.cache)
+    denoiser = Denoiser(model, mask_id, pad_id, schedule, time_conditioned, o.guidance, prompt_mask, generated, o.cache)
     ctx = StepContext(denoiser, schedule, mask_id, o.temperature, o.top_k, o.top_p, generator)
     stepper = Ancestral() if o.kind == "ancestral" else Remask(o.remasking)
 

@@ -1,7 +1,8 @@
 """One denoising step of each sampler, and the pieces they share.
 
-- `Denoiser` calls the network, applies classifier-free guidance and SUBS (the `<mask>` logit is -inf),
-  counts network evaluations (NFE) and remembers its last output (caching).
+- `Denoiser` calls the network (a time-conditioned one with each row's own time, read off its masks), applies
+  classifier-free guidance and SUBS (the `<mask>` logit is -inf), counts network evaluations (NFE) and remembers
+  its last output (caching).
 - `choose_tokens` turns logits into tokens: temperature, top-k, top-p, then Gumbel-max in float64.
 - `Ancestral` (MDLM) and `Remask` (LLaDA/MaskGIT) each take the current tokens from time t to s < t.
 
@@ -19,39 +20,46 @@ from .schedule import Schedule
 
 
 class Denoiser:
-    """The network as the samplers see it: x_t [B, L] -> float64 logits of x0 at chosen positions [N, V]."""
+    """The network as the samplers see it: x_t [B, L] -> float64 logits of x0 at chosen positions [N, V].
 
-    def __init__(self, model, mask_id: int, time_conditioned: bool, guidance: float,
-                 prompt_mask: torch.Tensor | None, cache: bool):
-        self.model, self.mask_id, self.time_conditioned = model, mask_id, time_conditioned
-        self.guidance, self.prompt_mask, self.cache = guidance, prompt_mask, cache
+    generated [B, L]: the template's `<mask>` positions, the ones a time-conditioned network counts in its time."""
+
+    def __init__(self, model, mask_id: int, pad_id: int, schedule: Schedule, time_conditioned: bool,
+                 guidance: float, prompt_mask: torch.Tensor, generated: torch.Tensor, cache: bool):
+        self.model, self.mask_id, self.pad_id, self.schedule = model, mask_id, pad_id, schedule
+        self.time_conditioned, self.guidance, self.cache = time_conditioned, guidance, cache
+        self.prompt_mask, self.generated = prompt_mask, generated
         self.nfe = 0
-        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None  # (x, t, logits [B, L, V])
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, logits [B, L, V])
 
-    def full_logits(self, x: torch.Tensor, t: float) -> torch.Tensor:
+    def full_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Guided logits [B, L, V] in the model's dtype; re-used when the input has not changed."""
-        if self.cache and self._last is not None:
-            last_x, last_t, last_logits = self._last
-            if torch.equal(last_x, x) and (not self.time_conditioned or last_t == t):
-                return last_logits
+        if self.cache and self._last is not None and torch.equal(self._last[0], x):
+            return self._last[1]
         B = x.shape[0]
-        inputs = x
+        inputs, maskable = x, self.generated & (x != self.pad_id)  # <pad> is never masked in training
         if self.guidance:  # unconditional = the same tokens with the prompt masked (SMDM/LLaDA)
             inputs = torch.cat([x, x.masked_fill(self.prompt_mask, self.mask_id)])  # [2B, L]
-        args = (inputs,)
-        if self.time_conditioned:
-            args = (inputs, torch.full((inputs.shape[0],), t, device=x.device))
+            maskable = torch.cat([maskable, maskable | self.prompt_mask])
+        args = (inputs, self.row_times(inputs, maskable)) if self.time_conditioned else (inputs,)
         logits = self.model(*args)  # [B or 2B, L, V]
         self.nfe += 1  # conditional and unconditional share one batched call
         if self.guidance:
             logits = guide(logits[:B], logits[B:], self.guidance)
         if self.cache:
-            self._last = (x.clone(), t, logits)
+            self._last = (x.clone(), logits)
         return logits
 
-    def __call__(self, x: torch.Tensor, t: float, where: torch.Tensor) -> torch.Tensor:
+    def row_times(self, inputs: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+        """Each row's time [B]: the one whose mask probability is the row's share of masked maskable positions, the
+        quantity training feeds the network. A block's own schedule time is not it: earlier blocks are decoded
+        and later ones still masked, and a prompt is never masked."""
+        share = (inputs == self.mask_id).sum(1) / maskable.sum(1).clamp_min(1)
+        return self.schedule.time_at(share.float())
+
+    def __call__(self, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """x: [B, L], where: [B, L] bool -> float64 logits [N, V] at the N positions of `where`."""
-        logits = self.full_logits(x, t)[where].double()  # gather first: float64 only for what is used
+        logits = self.full_logits(x)[where].double()  # gather first: float64 only for what is used
         logits[:, self.mask_id] = float("-inf")  # SUBS: <mask> is never predicted
         return logits
 
@@ -109,10 +117,10 @@ class StepContext:
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return choose_tokens(logits, self.temperature, self.top_k, self.top_p, self.generator)
 
-    def idle(self, x: torch.Tensor, t: float) -> None:
+    def idle(self, x: torch.Tensor) -> None:
         """A step that changes no token: without caching the network still runs (the MDLM baseline)."""
         if not self.denoiser.cache:
-            self.denoiser.full_logits(x, t)
+            self.denoiser.full_logits(x)
 
 
 class Ancestral:
@@ -128,10 +136,10 @@ class Ancestral:
         u = torch.rand(x.shape, dtype=torch.float64, generator=ctx.generator, device=x.device)  # [B, L]
         reveal = masked & (u < p)
         if not reveal.any():
-            ctx.idle(x, t)  # caching: no token changes, so no network call
+            ctx.idle(x)  # caching: no token changes, so no network call
             return x
         # 3. Tokens for the revealed positions only: [N].
-        tokens, _ = ctx.choose(ctx.denoiser(x, t, reveal))
+        tokens, _ = ctx.choose(ctx.denoiser(x, reveal))
         x = x.clone()
         x[reveal] = tokens
         return x
@@ -152,10 +160,10 @@ class Remask:
         keep = torch.floor(block_masks.double() * (1 - ctx.alpha(s)) / (1 - ctx.alpha(1.0)) + 1e-9).long()
         commit_count = (masked.sum(1) - keep).clamp_min(0)  # [B]
         if not commit_count.any():
-            ctx.idle(x, t)
+            ctx.idle(x)
             return x
         # 2. A candidate token and its confidence at every mask: [N].
-        tokens, confidence = ctx.choose(ctx.denoiser(x, t, masked))
+        tokens, confidence = ctx.choose(ctx.denoiser(x, masked))
         if self.remasking == "random":
             confidence = torch.rand(tokens.shape, dtype=torch.float64, generator=ctx.generator, device=x.device)
         # 3. Rank the masks of each row by confidence; commit the top commit_count[b]: [B, L].

@@ -25,6 +25,11 @@ class Schedule:
         """Probability that a token is masked at t: 1 - alpha(t)."""
         return 1 - self.alpha(t)
 
+    def time_at(self, mask_prob: torch.Tensor) -> torch.Tensor:
+        """The time whose mask probability is `mask_prob` (inverse of mask_prob): what a time-conditioned network
+        reads when a known fraction of its maskable tokens is masked (exact-count training, sampling)."""
+        raise NotImplementedError
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """ELBO weight -alpha'(t) / (1 - alpha(t)); integrates the per-masked-token loss to the NELBO."""
         return -self.alpha_prime(t) / (1 - self.alpha(t))
@@ -41,6 +46,9 @@ class LogLinear(Schedule):
     def alpha_prime(self, t):
         return -torch.ones_like(t)
 
+    def time_at(self, mask_prob):
+        return mask_prob
+
 
 class Cosine(Schedule):
     """alpha(t) = 1 - cos(pi/2 (1 - t)) (MD4's cosine schedule)."""
@@ -52,6 +60,9 @@ class Cosine(Schedule):
 
     def alpha_prime(self, t):
         return -math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
+
+    def time_at(self, mask_prob):
+        return 1 - torch.acos(mask_prob) * (2 / math.pi)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (LogLinear, Cosine)}

@@ -3,7 +3,7 @@
 The network only maps tokens (and t) to logits; masking, time sampling, the SUBS parameterisation and
 loss weighting live here. An objective works in two phases so pipeline parallelism can run them on
 different stages: `corrupt(x0, key)` gives the network inputs and the targets, `loss_from_logits`
-scores the network's output. `MaskedDiffusion` is MDLM/MD4's continuous-time ELBO; `Autoregressive`
+scores the network's output. `MaskedDiffusion` is MDLM/MD4's ELBO (continuous-time or exact-count); `Autoregressive`
 (autoregressive.py) is the baseline beside it.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,16 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torc
     return log_probs
 
 
+class EvalTerms(NamedTuple):
+    nll: torch.Tensor  # NELBO estimate summed per sequence [B] (float64)
+    tokens: torch.Tensor  # tokens it covers per sequence [B]
+    mc_var: torch.Tensor  # Monte-Carlo variance of `nll` given the tokens [B]; 0 where `nll` is exact
+
+
 class MaskedDiffusion:
-    """Masked diffusion ELBO: mask each token with probability 1 - alpha(t), predict it, weight by w(t)."""
+    """Masked diffusion ELBO. `continuous`: mask each token with probability 1 - alpha(t), weight by w(t).
+    `exact_count` (LLaDA's likelihood estimator): mask exactly k of a row's n maskable tokens, k uniform on
+    1..n, weight n/k; the same ELBO with less variance, as the number masked no longer fluctuates given t."""
 
     def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
                  time_conditioned: bool = False, nll: NLL = dense_nll):
@@ -86,36 +95,59 @@ class MaskedDiffusion:
                 L = int(torch.randint(1, L + 1, (), generator=g))
                 x0 = x0[:, :L]
                 prompt_mask = None if prompt_mask is None else prompt_mask[:, :L]
-        # 2. Times t: [B] in (eps, 1], antithetic over the global batch of the step.
-        t = self.times(key, B).to(x0.device)
+        u = per_sample_uniforms(self.seed, key, B, L).to(x0.device)  # [B, L] per-token mask draws
+        # 2. Stratified draws [B], antithetic over the global batch of the step: a time t or a count k.
+        if self.cfg.estimator == "exact_count":
+            return self._mask_count(x0, self.fractions(key, B).to(x0.device), u, prompt_mask)
         # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
-        u = per_sample_uniforms(self.seed, key, B, L).to(x0.device)  # [B, L]
-        return self._mask(x0, t, u, prompt_mask)
+        return self._mask(x0, self.times(key, B).to(x0.device), u, prompt_mask)
 
-    def times(self, key: BatchKey, batch: int) -> torch.Tensor:
+    def fractions(self, key: BatchKey, batch: int) -> torch.Tensor:
+        """Stratified U[0, 1) draws per sample [B] (float64), the same for a sample in any layout."""
         u = torch.rand((), generator=step_generator(self.seed, key.step, -1))
         idx = key.indices(batch).double()
         if self.cfg.antithetic:  # offsets i/N cover (0, 1] evenly; one shared random shift per step
-            frac = (u + idx / key.global_batch) % 1
-        else:
-            # Own stream: seeded like the mask draws, position 0's uniform would equal frac (masked iff t > 0.5).
-            frac = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, batch, 1)[:, 0].double()
-        return (self.cfg.eps + (1 - self.cfg.eps) * (1 - frac)).float()  # 1 - frac in (0, 1]
+            return (u + idx / key.global_batch) % 1
+        # Own stream: seeded like the mask draws, position 0's uniform would equal frac (masked iff t > 0.5).
+        return per_sample_uniforms(mix(self.seed, TIME_STREAM), key, batch, 1)[:, 0].double()
 
-    def _mask(self, x0, t, u, prompt_mask) -> Corrupted:
+    def times(self, key: BatchKey, batch: int) -> torch.Tensor:
+        """Continuous times t: [B] in (eps, 1]."""
+        return (self.cfg.eps + (1 - self.cfg.eps) * (1 - self.fractions(key, batch))).float()  # 1 - frac in (0, 1]
+
+    def _maskable(self, x0, prompt_mask) -> torch.Tensor:
         maskable = x0 != self.pad_id  # [B, L]
         if prompt_mask is not None and self.cfg.prompt_conditioned:
             maskable &= ~prompt_mask
+        return maskable
+
+    def _mask(self, x0, t, u, prompt_mask) -> Corrupted:
+        maskable = self._maskable(x0, prompt_mask)
         masked = (u < self.schedule.mask_prob(t)[:, None]) & maskable  # [B, L]
+        return self._corrupted(x0, masked, maskable, t, self.schedule.weight(t))
+
+    def _mask_count(self, x0, frac, u, prompt_mask) -> Corrupted:
+        """Mask exactly k = floor(frac * n) + 1 of each row's n maskable tokens (uniform on 1..n): those whose
+        draw `u` ranks among the k smallest, so the masks depend only on the sample's own draws."""
+        maskable = self._maskable(x0, prompt_mask)
+        n = maskable.sum(1)  # [B]
+        k = torch.minimum(n, (frac * n).floor().long() + 1)  # [B]; 0 only where n = 0
+        rank = u.masked_fill(~maskable, 2.0).argsort(dim=1, stable=True).argsort(dim=1)  # [B, L], maskable ones first
+        masked = rank < k[:, None]  # [B, L]
+        share = k / n.clamp_min(1)  # [B] the fraction masked, which the network reads as its time
+        weight = (n / k.clamp_min(1)).float()  # [B] n/k: 1/k per masked token, times n (the any-order ELBO)
+        return self._corrupted(x0, masked, maskable, self.schedule.time_at(share.float()), weight)
+
+    def _corrupted(self, x0, masked, maskable, t, weight) -> Corrupted:
         xt = torch.where(masked, self.mask_id, x0)  # [B, L]
         inputs = (xt, t) if self.time_conditioned else (xt,)
-        return Corrupted(inputs, (x0, masked, self.schedule.weight(t), maskable.sum(1)))
+        return Corrupted(inputs, (x0, masked, weight, maskable.sum(1)))
 
     def loss_from_logits(self, logits: torch.Tensor, targets: tuple) -> LossOutput:
         x0, masked, weight, counts = targets
         # 4. Only masked positions carry loss (SUBS: visible tokens are copied, mask logit is -inf): [N].
         nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)
-        # 5. ELBO weight w(t) of each masked token's sample: [N].
+        # 5. ELBO weight of each masked token's sample (w(t), or n/k): [N].
         weighted = nll * weight[:, None].expand_as(x0)[masked]
         # 6. Normalise per maskable (non-pad, non-prompt) token.
         num_tokens = int(counts.sum())
@@ -123,31 +155,36 @@ class MaskedDiffusion:
         return LossOutput(loss, num_tokens, {"mask_rate": float(masked.sum()) / max(num_tokens, 1)})
 
     @torch.no_grad()
-    def eval_terms(self, model, x0: torch.Tensor, time_samples: int,
-                   key: BatchKey | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_terms(self, model, x0: torch.Tensor, time_samples: int, key: BatchKey | int) -> EvalTerms:
         """Deterministic NELBO estimate, the same for a sample whatever the batch split or data-parallel layout.
 
-        `key` places the batch in the evaluated set (an int n means BatchKey(step=n): rows are samples 0..B-1).
-        Each sample (by its global index in `key`) gets `time_samples` stratified times with a fixed per-sample
-        offset, and mask draws seeded by (seed, key.step, index). Returns (weighted nll summed per sequence [B],
-        maskable tokens per sequence [B])."""
+        Always the exact-count estimator (the lower-variance one), whatever the training estimator. `key` places
+        the batch in the evaluated set (an int n means BatchKey(step=n): rows are samples 0..B-1). Each sample
+        (by its global index in `key`) gets `time_samples` draws with k stratified over them, and a stratum
+        offset and mask draws seeded by (seed, key.step, index)."""
         B, L = x0.shape
         key = BatchKey(step=key, global_batch=B) if isinstance(key, int) else key
-        index = key.indices(B).double()  # [B]
-        offset = (index * 0.6180339887498949) % 1  # golden-ratio spread of the stratification offsets
-        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-        counts = (x0 != self.pad_id).sum(1)
-        for k in range(time_samples):
-            t = (self.cfg.eps + (1 - self.cfg.eps) * (1 - (k + offset) / time_samples)).float().to(x0.device)
-            u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + k, key.micro, key.dp_rank,
+        # A random stratum offset per sample, seeded by (key, index) like its masks: deterministic, and unbiased
+        # over keys (a fixed offset per index would tie each sample's counts k to its position).
+        offset = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, B, 1)[:, 0].double()  # [B]
+        draws = []
+        for j in range(time_samples):
+            frac = ((j + offset) / time_samples).to(x0.device)  # [B] in [0, 1), one per stratum
+            u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + j, key.micro, key.dp_rank,
                                                         key.dp_world, key.global_batch), B, L)
-            c = self._mask(x0, t, u.to(x0.device), None)
-            x0_, masked, weight, counts = c.targets
-            nll = self.nll(model(*c.inputs)[masked], x0_[masked], suppress=self.mask_id)
-            per_seq = torch.zeros(B, dtype=torch.float64, device=x0.device)
-            per_seq.index_add_(0, masked.nonzero()[:, 0], (nll * weight[:, None].expand_as(x0)[masked]).double())
-            total += per_seq
-        return total / time_samples, counts
+            c = self._mask_count(x0, frac, u.to(x0.device), None)
+            draws.append(self._per_sequence(model(*c.inputs), c.targets))
+        draws = torch.stack(draws)  # [time_samples, B]
+        # The spread over draws, as if they were independent: stratification only lowers the true variance.
+        mc_var = draws.var(0) / time_samples if time_samples > 1 else torch.full_like(draws[0], float("nan"))
+        return EvalTerms(draws.mean(0), c.targets[3], mc_var)
+
+    def _per_sequence(self, logits, targets) -> torch.Tensor:
+        """Weighted nll summed per sequence: [B] float64."""
+        x0, masked, weight, _ = targets
+        nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)  # [N]
+        per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        return per_seq.index_add_(0, masked.nonzero()[:, 0], (nll * weight[:, None].expand_as(x0)[masked]).double())
 
 
 def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,

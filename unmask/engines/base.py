@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from unmask.diffusion.noise import BatchKey
+from unmask.diffusion.objective import EvalTerms
 
 
 @dataclass
@@ -31,8 +32,9 @@ class Engine(Protocol):
         """One optimizer step over this rank's micro-batches (gradient accumulation, clipping, skip if non-finite)."""
 
     def eval_terms(self, x0: torch.Tensor, time_samples: int,
-                   key: BatchKey | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The objective's (nll summed per sequence [B], tokens per sequence [B]) without gradients."""
+                   key: BatchKey | int) -> EvalTerms:
+        """The objective's EvalTerms (nll summed per sequence [B], tokens [B], Monte-Carlo variance [B]) without
+        gradients."""
 
     def save(self, directory: str, tag: str) -> None:
         """Write this rank's engine state (model, optimizer, LR schedule) under directory/tag."""

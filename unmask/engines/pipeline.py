@@ -20,6 +20,7 @@ from torch import nn
 
 from unmask.config import Config
 from unmask.core.transformer import Transformer
+from unmask.diffusion.objective import EvalTerms
 from unmask.engines.base import StepStats
 from unmask.engines.deepspeed import (
     DeepSpeedCheckpointing,
@@ -193,8 +194,8 @@ class PipelineEngine(DeepSpeedCheckpointing):
                 logits = torch.zeros(*inputs[0].shape, V, device=self.device)
             return logits
 
-        per_seq, counts = self.objective.eval_terms(network, x0.to(self.device), time_samples, key)
-        out = torch.stack([per_seq.double(), counts.double()])
+        terms = self.objective.eval_terms(network, x0.to(self.device), time_samples, key)
+        out = torch.stack([terms.nll.double(), terms.tokens.double(), terms.mc_var.double()])
         last = ps.get_pipeline_model_parallel_last_rank()
         collective.broadcast_(out, src=last, group=ps.get_pipeline_model_parallel_group())
-        return out[0], out[1].long()
+        return EvalTerms(out[0], out[1].long(), out[2])

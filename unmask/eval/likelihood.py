@@ -1,7 +1,7 @@
 """Held-out likelihood: the masked-diffusion NELBO (a perplexity bound) or the AR model's exact NLL.
 
-Both objectives give `eval_terms(model, x0, time_samples, seed) -> (nll per sequence [B], tokens [B])`,
-deterministic for a seed (a fixed midpoint time grid and fixed mask draws), so two evaluations of the same
+Both objectives give `eval_terms(model, x0, time_samples, seed) -> EvalTerms (nll per sequence [B], tokens [B],
+...)`, deterministic for a seed (stratified mask counts and fixed mask draws), so two evaluations of the same
 checkpoint on the same shards agree exactly. The standard error is over sequences (a ratio estimator), so
 it covers both the spread of the data and the Monte-Carlo noise of the masks.
 """
@@ -62,9 +62,9 @@ def evaluate_likelihood(model, objective, batches: Iterable[torch.Tensor], time_
     for i, x0 in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        nll, n = objective.eval_terms(model, x0.to(device), time_samples, seed + i)  # [B], [B]
-        nlls.append(nll.double().cpu())
-        counts.append(n.cpu())
+        terms = objective.eval_terms(model, x0.to(device), time_samples, seed + i)
+        nlls.append(terms.nll.double().cpu())  # [B]
+        counts.append(terms.tokens.cpu())  # [B]
     if not nlls:
         raise EvalError("likelihood: no batches to score; check the held-out shard directory")
     nll, n = torch.cat(nlls), torch.cat(counts)
