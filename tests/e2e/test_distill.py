@@ -158,3 +158,12 @@ def test_cli_runs_and_refuses_without_teacher(tiny_shards, teacher, tmp_path, ca
     assert "no teacher" in capsys.readouterr().err
     assert main(["distill", *args, "--teacher", str(teacher)]) == 0
     assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_teacher_trained_by_exact_count_distills_from_times(tiny_shards, tmp_path):
+    """A count-based corruption has no time t to run the teacher's reverse step from: distillation corrupts by time."""
+    run = tmp_path / "teacher"
+    train(tiny_config(tiny_shards, run, *FAST, "--train.steps=2", "--train.val_batches=1",
+                      "--diffusion.estimator=exact_count"))
+    cfg, _ = prepare_config(student_config(tiny_shards, tmp_path / "student"), str(run))
+    assert cfg.diffusion.estimator == "continuous"

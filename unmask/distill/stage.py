@@ -35,7 +35,9 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
                           "masked-diffusion (mdlm) checkpoint")
     cfg = cfg.model_copy(deep=True)
     cfg.model = teacher_cfg.model
-    cfg.diffusion = teacher_cfg.diffusion
+    # Distillation runs the reverse process from a time t to s: its x_t must come from a time, whichever estimator
+    # trained the teacher (a count-based corruption has none).
+    cfg.diffusion = teacher_cfg.diffusion.model_copy(update={"estimator": "continuous"})
     cfg.distill.teacher = str(path)
     cfg.train.steps = cfg.distill.rounds * cfg.distill.steps_per_round
     return cfg, state
