@@ -86,7 +86,7 @@ class EMA:
     def save(self, folder: Path, rank: int) -> None:
         """This rank's file under a checkpoint folder being written (Checkpointer.save's write step)."""
         path = ema_file(folder, rank)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**self.state_dict(), "tensors": {n: t.cpu() for n, t in self.shadow.items()}}, path)
 
     def load(self, folder: Path, rank: int, same_layout: bool) -> None:

@@ -1,0 +1,42 @@
+"""Exact resume with the weight EMA on two data-parallel ranks under DeepSpeed ZeRO-2 (fp32, gloo): a run interrupted
+at step 4 and resumed to step 8 logs the very rows of the uninterrupted one, validation on the EMA included, and
+ends with the same EMA on every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _resume_common import step_dir, train
+
+from tests.support.runs import metrics
+from unmask.checkpoint.consolidate import load_checkpoint_weights
+from unmask.train.ema import ema_file
+
+pytestmark = pytest.mark.distributed
+TIMINGS = ("tokens_per_s", "model_tflops", "mfu", "peak_mem_gib")
+
+
+def rows(run_dir) -> dict:
+    """(step, is validation) -> row without timings; later rows win (a resumed run appends)."""
+    return {(r["step"], "val_nelbo" in r): {k: v for k, v in r.items() if k not in TIMINGS} for r in metrics(run_dir)}
+
+
+def test_zero2_two_ranks_resume_with_ema_is_bit_identical(tiny_shards, tmp_path):
+    ema = ("--train.ema_decay=0.9", "--train.val_every=4", f"--data.val_dir={tiny_shards / 'val'}",
+           "--train.val_batches=2", "--train.val_time_samples=1")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(2, tiny_shards, whole, "--train.steps=8", *ema)
+    train(2, tiny_shards, split, "--train.steps=4", *ema)
+    assert "resumed from" in train(2, tiny_shards, split, "--train.steps=8", *ema)
+    a, b = rows(whole), rows(split)
+    assert a.keys() == b.keys() and (8, True) in a
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    assert a[(8, True)]["val_weights"] == "ema"
+    for rank in (0, 1):  # ZeRO-2: each rank's EMA is the whole model's, the same on both
+        ea = torch.load(ema_file(step_dir(whole, 8), rank), weights_only=True)
+        eb = torch.load(ema_file(step_dir(split, 8), rank), weights_only=True)
+        assert ea["updates"] == eb["updates"] == 8 and ea["layout"]["dp_rank"] == rank
+        assert all(torch.equal(ea["tensors"][k], eb["tensors"][k]) for k in ea["tensors"])
+    _, wa = load_checkpoint_weights(step_dir(whole, 8), weights="ema")
+    _, raw = load_checkpoint_weights(step_dir(whole, 8), weights="raw")
+    assert any(not torch.equal(wa[k], raw[k]) for k in wa)
