@@ -68,17 +68,12 @@ def load_checkpoint_weights(path: str | Path, masters: bool = True,
     module's own weights as DeepSpeed saved them instead (bf16 values in a bf16 run; not kept under ZeRO-3), which
     the fp32 masters must round to exactly. `weights`: "ema" the run's EMA of the weights (train.ema_decay > 0),
     "raw" the trained weights themselves, "auto" the EMA when the checkpoint has one, else raw."""
-    from unmask.checkpoint.ema_weights import ema_state, has_ema
+    from unmask.checkpoint.ema_weights import ema_state
 
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
     step = resolve(path)
     meta = json.loads((step / "meta.json").read_text())
     cfg = load_config_text(meta["config"], where=str(step / "meta.json"))
-    if weights == "ema" and not has_ema(step):
-        raise CheckpointError(f"checkpoint {step} has no EMA of the weights (ema/ folder; the run had "
-                              "train.ema_decay=0); load its raw weights (--raw-weights, weights=\"raw\")")
-    if weights != "raw" and has_ema(step):
+    if chosen_weights(step, weights) == "ema":
         return cfg, _checked(ema_state(step, cfg), cfg, step)
     engine = step / "engine"
     if (engine / "engine.pt").is_file():
@@ -86,6 +81,18 @@ def load_checkpoint_weights(path: str | Path, masters: bool = True,
     else:
         state = _deepspeed_state(engine, cfg, masters)
     return cfg, _checked(state, cfg, step)
+
+
+def chosen_weights(step: Path, weights: str) -> str:
+    """"ema" or "raw": what `weights` ("auto", "ema", "raw") means for this (resolved) checkpoint."""
+    from unmask.checkpoint.ema_weights import has_ema
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+    if weights == "ema" and not has_ema(step):
+        raise CheckpointError(f"checkpoint {step} has no EMA of the weights (ema/ folder; the run had "
+                              "train.ema_decay=0); load its raw weights (--raw-weights, weights=\"raw\")")
+    return "ema" if weights != "raw" and has_ema(step) else "raw"
 
 
 def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
