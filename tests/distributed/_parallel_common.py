@@ -131,5 +131,22 @@ def reference(steps: int, global_micro: int, dp: int, **sections) -> dict:
     return {k: out[k] for k in ("loss", "grad_norm", "eval", "ema_eval", "eval_after", "ema") if k in out}
 
 
+def check_ema(got: dict, ref: dict, folder, cfg: Config, rel: float = 1e-5) -> None:
+    """A run's weight EMA against the one-process reference's: the EMA-swapped validation agrees (and is far
+    enough from the raw weights' for a wrong swap to show), the raw weights come back exactly, and the EMA
+    consolidated from the per-rank files under `folder` equals the reference's."""
+    import pytest
+
+    from unmask.checkpoint.ema_weights import ema_state
+
+    assert got["ema_eval"] == pytest.approx(ref["ema_eval"], rel=rel)
+    assert abs(got["ema_eval"][0] - got["eval"][0]) > 1e-4 * abs(got["eval"][0])
+    assert got["eval_after"] == got["eval"]
+    full = ema_state(folder, cfg)
+    assert full.keys() == ref["ema"].keys()
+    for k, v in ref["ema"].items():
+        torch.testing.assert_close(full[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def run_spec(runs: list[dict]) -> str:
     return json.dumps({"runs": runs})
