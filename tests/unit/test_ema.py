@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from unmask.engines.base import LocalWeights
+from unmask.errors import CheckpointError
 from unmask.train.ema import EMA, warmup_decay
 
 
@@ -74,3 +75,22 @@ def test_a_checkpoint_without_ema_starts_from_the_weights(tmp_path):
     with pytest.warns(UserWarning, match="has no EMA"):
         ema.load(tmp_path, rank=0, same_layout=True)
     assert ema.updates == 0 and torch.equal(ema.shadow["w0"], w)
+
+
+def test_another_data_parallel_size_loads_rank_0s_replicated_ema(tmp_path):
+    w = torch.zeros(3)
+    ema = EMA(weights(w), 0.9)
+    ema.save(tmp_path, rank=0)
+    ema.shadow["w0"].fill_(7.0)  # a rank-1 file that differs, so reading it would show
+    ema.save(tmp_path, rank=1)
+    resumed = EMA(weights(w), 0.9)
+    resumed.load(tmp_path, rank=1, same_layout=False)
+    assert torch.equal(resumed.shadow["w0"], torch.zeros(3))
+    resumed.load(tmp_path, rank=1, same_layout=True)
+    assert torch.equal(resumed.shadow["w0"], torch.full((3,), 7.0))
+
+
+def test_a_saved_ema_of_another_shape_is_refused(tmp_path):
+    EMA(weights(torch.zeros(3)), 0.9).save(tmp_path, rank=0)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        EMA(weights(torch.zeros(4)), 0.9).load(tmp_path, rank=0, same_layout=True)
