@@ -64,3 +64,18 @@ def test_ema_requested_from_a_checkpoint_without_one(tiny_shards, tmp_path):
     with pytest.warns(UserWarning, match="has no EMA"):
         run(tiny_shards, tmp_path, "--train.steps=8", "--train.val_every=0", "--data.val_dir=")
     assert torch.load(ema_file(step(tmp_path, 8), 0), weights_only=True)["updates"] == 4
+
+
+def test_distillation_teacher_is_the_ema_unless_raw_is_asked(tiny_shards, tmp_path):
+    from unmask.distill.stage import prepare_config
+
+    teacher = tmp_path / "teacher"
+    run(tiny_shards, teacher, "--train.steps=4", "--train.val_every=0", "--data.val_dir=")
+    student = tiny_config(tiny_shards, tmp_path / "student", *FAST)
+    _, ema = load_checkpoint_weights(teacher, weights="ema")
+    _, raw = load_checkpoint_weights(teacher, weights="raw")
+    _, got = prepare_config(student, str(teacher))
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
+    student.distill.teacher_weights = "raw"
+    _, got = prepare_config(student, str(teacher))
+    assert all(torch.equal(got[k], raw[k]) for k in raw) and any(not torch.equal(raw[k], ema[k]) for k in raw)
