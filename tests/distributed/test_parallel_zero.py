@@ -32,10 +32,13 @@ def test_dp2_zero_stages_match_one_process(tmp_path):
 
 
 def test_dp2_bf16_trains(tmp_path):
-    runs = [{"name": f"bf16-zero{s}", "sections": {"parallel": {**DS, "zero_stage": s}, "train": {"dtype": "bf16"}},
-             "steps": 5} for s in (0, 2)]
+    # With the weight EMA (fp32) swapped into bf16 module weights for validation and back.
+    runs = [{"name": f"bf16-zero{s}", "sections": {"parallel": {**DS, "zero_stage": s},
+                                                   "train": {"dtype": "bf16", **EMA}}, "steps": 5} for s in (0, 2)]
     got = launch("_parallel_train.py", 2, tmp_path, run_spec(runs))
-    ref = reference(5, global_micro=4, dp=2)
+    ref = reference(5, global_micro=4, dp=2, train=EMA)
     for name, r in got.items():
         # bf16 weights: close to the fp32 run, not equal.
         assert r["loss"] == pytest.approx(ref["loss"], rel=0.05), name
+        assert r["ema_eval"] == pytest.approx(ref["ema_eval"], rel=0.05), name
+        assert r["eval_after"] == r["eval"], name  # the bf16 weights come back exactly
