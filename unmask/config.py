@@ -155,6 +155,10 @@ class TrainConfig(Section):
                                   "val_nelbo_se; 8: SE < 0.01 nat on tiny.toml); validation cost scales with it")
     compile: bool = Field(False, description="torch.compile the model")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="exponential moving average of the weights (MDLM: 0.9999; 0: off), warmed up "
+        "as min(decay, (1+n)/(10+n)) after n steps; validation, sample, eval, export and distillation's teacher "
+        "use it when the checkpoint has one (--raw-weights / distill.teacher_weights=\"raw\" for the raw weights)")
 
 
 class ParallelConfig(Section):
@@ -256,6 +260,9 @@ class DistillConfig(Section):
     final_steps: int = Field(16, gt=0, description="sampling steps after the last round (halved each round)")
     steps_per_round: int = Field(1000, gt=0, description="optimizer steps per round; train.steps = rounds x this")
     teacher_dtype: Literal["fp32", "bf16"] = Field("fp32", description="the frozen teacher's inference dtype")
+    teacher_weights: Literal["auto", "ema", "raw"] = Field(
+        "auto", description="the teacher checkpoint's weights: auto (its EMA when it has one, else raw), ema "
+        "(refuse a checkpoint without EMA), raw")
     eval: bool = Field(True, description="write the steps-vs-quality table (JSON + PNG) at the end")
     eval_teacher_steps: list[int] = Field([1024, 256, 64, 16, 8], description="teacher sampling steps evaluated")
     eval_student_steps: list[int] = Field([64, 16, 8], description="student sampling steps evaluated")

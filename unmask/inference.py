@@ -43,6 +43,7 @@ class Loaded:
     schedule: str
     source: Path
     config: Config | None = None  # the run's config (checkpoints only)
+    weights: str = "raw"  # "ema" when a checkpoint's EMA of the weights was loaded
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,16 +61,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
-    """A run dir, a checkpoints/step-* folder, or an `unmask export` folder (has config.json)."""
+def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "auto") -> Loaded:
+    """A run dir, a checkpoints/step-* folder, or an `unmask export` folder (has config.json). `weights` (training
+    checkpoints): "auto" the run's EMA of the weights when it kept one, else the raw weights; "ema"; "raw"."""
     path = Path(path)
     if (path / "config.json").is_file():
         return _load_export(path, device)
-    from unmask.checkpoint.consolidate import load_model
+    from unmask.checkpoint.consolidate import chosen_weights, load_model, resolve
 
-    cfg, model, special, tokenizer = load_model(path, device=device)
+    used = chosen_weights(resolve(path), weights)
+    cfg, model, special, tokenizer = load_model(path, device=device, weights=used)
     return Loaded(model, cfg.model, special, Codec(tokenizer), cfg.diffusion.objective, cfg.diffusion.schedule,
-                  path, cfg)
+                  path, cfg, used)
 
 
 def _load_export(path: Path, device) -> Loaded:

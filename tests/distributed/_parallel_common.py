@@ -47,22 +47,42 @@ def rank_batches(cfg: Config, step: int, dp: int, dp_rank: int) -> tuple[list[to
     return micro, keys
 
 
-def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
+def train(cfg: Config, steps: int, eval_split: int | None = None, ema_dir=None) -> dict:
     """Run `steps` optimizer steps through setup_parallel + build_components, as the train loop does, then the
     validation terms of a held-out batch summed over dp ranks. Validation masks depend on the per-rank batch
-    shape, so a one-process reference evaluates the same per-rank slices (`eval_split` = the other run's dp)."""
+    shape, so a one-process reference evaluates the same per-rank slices (`eval_split` = the other run's dp).
+    With train.ema_decay > 0 the weight EMA is kept as the loop keeps it: "ema_eval" is the validation on it,
+    "eval_after" the one on the raw weights after it, "ema" the EMA, and every rank writes its EMA file under
+    `ema_dir` if given."""
     from unmask.engines import build_components
     from unmask.parallel.dims import setup_parallel
+    from unmask.train.ema import EMA
 
     dims = setup_parallel(cfg)
     torch.manual_seed(cfg.train.seed)
     engine = build_components(cfg, dims, torch.device("cpu"), SPECIAL).engine
+    ema = EMA(engine.local_weights, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     losses, norms = [], []
     for step in range(steps):
         micro, keys = rank_batches(cfg, step, dims.dp, dims.dp_rank)
         stats = engine.train_step(micro, keys)
+        if ema and not stats.skipped:
+            ema.update()
         losses.append(stats.loss)
         norms.append(stats.grad_norm)
+    out = {"loss": losses, "grad_norm": norms, "eval": evaluate(engine, cfg, dims, eval_split), "dims": dims,
+           "engine": engine}
+    if ema:
+        with ema.applied():
+            out["ema_eval"] = evaluate(engine, cfg, dims, eval_split)
+        out["eval_after"] = evaluate(engine, cfg, dims, eval_split)
+        out["ema"] = ema.shadow
+        if ema_dir is not None:
+            ema.save(ema_dir, dims.rank)
+    return out
+
+
+def evaluate(engine, cfg: Config, dims, eval_split: int | None) -> list[float]:
     split = eval_split or dims.dp
     x0 = torch.randint(5, cfg.model.vocab_size, (8, cfg.train.seq_len), generator=torch.Generator().manual_seed(7))
     ranks = [dims.dp_rank] if split == dims.dp else range(split)
@@ -70,7 +90,7 @@ def train(cfg: Config, steps: int, eval_split: int | None = None) -> dict:
     for r in ranks:  # held-out rows strided like the loader
         per_seq, counts, _ = engine.eval_terms(x0[r::split], 2, 123)
         terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
-    return {"loss": losses, "grad_norm": norms, "eval": engine.all_reduce_dp(terms), "dims": dims, "engine": engine}
+    return engine.all_reduce_dp(terms)
 
 
 def write_result(result: dict) -> None:
@@ -108,7 +128,24 @@ def reference(steps: int, global_micro: int, dp: int, **sections) -> dict:
     """One local process seeing the same global batch: micro-batches of dp * micro_batch_size samples."""
     train_section = {"micro_batch_size": global_micro, **sections.pop("train", {})}
     out = train(make_cfg(train=train_section, **sections), steps, eval_split=dp)
-    return {k: out[k] for k in ("loss", "grad_norm", "eval")}
+    return {k: out[k] for k in ("loss", "grad_norm", "eval", "ema_eval", "eval_after", "ema") if k in out}
+
+
+def check_ema(got: dict, ref: dict, folder, cfg: Config, rel: float = 1e-5) -> None:
+    """A run's weight EMA against the one-process reference's: the EMA-swapped validation agrees (and is far
+    enough from the raw weights' for a wrong swap to show), the raw weights come back exactly, and the EMA
+    consolidated from the per-rank files under `folder` equals the reference's."""
+    import pytest
+
+    from unmask.checkpoint.ema_weights import ema_state
+
+    assert got["ema_eval"] == pytest.approx(ref["ema_eval"], rel=rel)
+    assert abs(got["ema_eval"][0] - got["eval"][0]) > 1e-4 * abs(got["eval"][0])
+    assert got["eval_after"] == got["eval"]
+    full = ema_state(folder, cfg)
+    assert full.keys() == ref["ema"].keys()
+    for k, v in ref["ema"].items():
+        torch.testing.assert_close(full[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def run_spec(runs: list[dict]) -> str:

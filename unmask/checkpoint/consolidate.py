@@ -7,6 +7,8 @@ A checkpoint folder (or a run dir -> its newest checkpoint that matches its mani
   bf16 weights with fp32 masters); pipeline stages from their `layer_XX-model_YY-model_states.pt` files, or in
   bf16 from each stage's ZeRO optimizer files (the fp32 masters). Activation checkpointing's wrapper prefix is
   dropped from names. Tensor shards are concatenated along the dimension unmask.parallel.tensor split them on.
+With `weights` "auto" (the default) or "ema", a checkpoint with an EMA of the weights gives the EMA instead,
+rebuilt from its per-rank files (unmask/checkpoint/ema_weights.py).
 The result is checked against the model the saved config builds, so a wrong or partial checkpoint fails here,
 with the path, rather than later.
 """
@@ -57,19 +59,40 @@ def resolve(path: str | Path) -> Path:
                           "their manifest.json); train first or pass a checkpoint folder")
 
 
-def load_checkpoint_weights(path: str | Path, masters: bool = True) -> tuple[Config, dict[str, torch.Tensor]]:
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_checkpoint_weights(path: str | Path, masters: bool = True,
+                            weights: str = "auto") -> tuple[Config, dict[str, torch.Tensor]]:
     """(the run's config, full fp32 state dict in plain keys) of a verified checkpoint. `masters=False` reads the
     module's own weights as DeepSpeed saved them instead (bf16 values in a bf16 run; not kept under ZeRO-3), which
-    the fp32 masters must round to exactly."""
+    the fp32 masters must round to exactly. `weights`: "ema" the run's EMA of the weights (train.ema_decay > 0),
+    "raw" the trained weights themselves, "auto" the EMA when the checkpoint has one, else raw."""
+    from unmask.checkpoint.ema_weights import ema_state
+
     step = resolve(path)
     meta = json.loads((step / "meta.json").read_text())
     cfg = load_config_text(meta["config"], where=str(step / "meta.json"))
+    if chosen_weights(step, weights) == "ema":
+        return cfg, _checked(ema_state(step, cfg), cfg, step)
     engine = step / "engine"
     if (engine / "engine.pt").is_file():
         state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
     else:
         state = _deepspeed_state(engine, cfg, masters)
     return cfg, _checked(state, cfg, step)
+
+
+def chosen_weights(step: Path, weights: str) -> str:
+    """"ema" or "raw": what `weights` ("auto", "ema", "raw") means for this (resolved) checkpoint."""
+    from unmask.checkpoint.ema_weights import has_ema
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+    if weights == "ema" and not has_ema(step):
+        raise CheckpointError(f"checkpoint {step} has no EMA of the weights (ema/ folder; the run had "
+                              "train.ema_decay=0); load its raw weights (--raw-weights, weights=\"raw\")")
+    return "ema" if weights != "raw" and has_ema(step) else "raw"
 
 
 def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
@@ -173,13 +196,15 @@ def _pipeline_rank(engine: Path, tp_rank: int, cfg: Config, masters: bool = True
                                       f"{tp_rank}) has no optimizer files with its fp32 master weights; the "
                                       "checkpoint is incomplete")
             layers.update(_zero_to_fp32(engine, mp, module_in_layer_files=True))
-    n = cfg.model.n_layers
-    state: dict[str, torch.Tensor] = {}
-    for key, v in layers.items():
-        idx, _, k = key.partition(".")
-        k = k.replace(WRAPPED, "")
-        state[f"layers.{int(idx) - 1}.{k.removeprefix('block.')}" if 1 <= int(idx) <= n else k] = v
-    return state
+    return {pipeline_plain_key(key, cfg.model.n_layers): v for key, v in layers.items()}
+
+
+def pipeline_plain_key(key: str, n_layers: int) -> str:
+    """A pipeline layer's parameter name "<layer index>.<name in the layer>" -> the plain model's: layer 0 is the
+    embedding, 1..n_layers the blocks (`layers.<i-1>.`), n_layers + 1 the norm and head."""
+    idx, _, k = key.partition(".")
+    k = k.replace(WRAPPED, "")
+    return f"layers.{int(idx) - 1}.{k.removeprefix('block.')}" if 1 <= int(idx) <= n_layers else k
 
 
 def _merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -211,9 +236,11 @@ def special_tokens(cfg: Config) -> SpecialTokens:
     return SpecialTokens()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, nn.Module, SpecialTokens, Path]:
-    """(config, plain model in eval mode with the checkpoint's weights, special tokens, tokenizer.model path)."""
-    cfg, state = load_checkpoint_weights(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               weights: str = "auto") -> tuple[Config, nn.Module, SpecialTokens, Path]:
+    """(config, plain model in eval mode with the checkpoint's weights, special tokens, tokenizer.model path);
+    `weights` as in load_checkpoint_weights."""
+    cfg, state = load_checkpoint_weights(path, weights=weights)
     tokenizer = find_tokenizer(cfg)
     model = build_model(cfg.model, causal=cfg.causal, device=device)
     model.load_state_dict(state)

@@ -3,6 +3,7 @@
 Layout under `<run_dir>/checkpoints/`:
     step-00000500/engine/...            the engine's own files (DeepSpeed shards per ZeRO/TP/PP rank, or one .pt)
     step-00000500/client/rank-00000.pt  per-rank client state: data loader position, RNG states
+    step-00000500/ema/rank-00000.pt     per-rank EMA of the weights and its layout (train.ema_decay > 0 only)
     step-00000500/meta.json             step, tokens, resolved config and its hash, tracking run id, layout
     step-00000500/manifest.json         size and sha256 of every file above; written last inside the folder
     latest                              name of the newest complete checkpoint; written after the rename
@@ -150,9 +151,10 @@ class Checkpointer:
         by_time = self.cfg.interval_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.interval_minutes
         return collective.any_rank(by_steps or by_time)  # clocks differ across ranks: agree
 
-    def save(self, step: int, engine, meta: dict, client: dict) -> Path:
+    def save(self, step: int, engine, meta: dict, client: dict, ema=None) -> Path:
         """Every rank calls this; returns the final folder. If writing fails on any rank (a full disk), every
-        rank raises the same CheckpointError, the `.tmp-` folder is removed and older checkpoints stay valid."""
+        rank raises the same CheckpointError, the `.tmp-` folder is removed and older checkpoints stay valid.
+        `ema` (unmask.train.ema.EMA): its per-rank file goes in with the rest, under the same manifest."""
         final, tmp = self.root / f"step-{step:08d}", self.root / f".tmp-step-{step:08d}"
 
         def prepare():
@@ -165,6 +167,8 @@ class Checkpointer:
         def write():
             engine.save(str(tmp), "engine")
             torch.save(client, tmp / "client" / f"rank-{self.rank:05d}.pt")
+            if ema is not None:
+                ema.save(tmp, self.rank)
 
         self._agree(step, tmp, write)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -257,9 +261,10 @@ class Checkpointer:
                               stacklevel=2)
         return None
 
-    def load(self, path: Path, engine, cfg: Config) -> tuple[dict, dict]:
-        """Restore the engine; return (meta, this rank's client state). A checkpoint written by another number of
-        processes (a data-parallel change) or another ZeRO stage is re-partitioned (unmask/checkpoint/reshard.py)."""
+    def load(self, path: Path, engine, cfg: Config, ema=None) -> tuple[dict, dict]:
+        """Restore the engine (and `ema`, after it: an EMA missing from the checkpoint starts from the restored
+        weights); return (meta, this rank's client state). A checkpoint written by another number of processes (a
+        data-parallel change) or another ZeRO stage is re-partitioned (unmask/checkpoint/reshard.py)."""
         from unmask.config import load_config_text
 
         meta = json.loads((path / "meta.json").read_text())
@@ -270,8 +275,12 @@ class Checkpointer:
             cfg.parallel.engine, cfg.parallel.zero_stage)
         if same_layout:
             engine.load(str(path), "engine")
-            return meta, torch.load(path / "client" / f"rank-{self.rank:05d}.pt", weights_only=True)
-        from unmask.checkpoint import reshard
+            client = torch.load(path / "client" / f"rank-{self.rank:05d}.pt", weights_only=True)
+        else:
+            from unmask.checkpoint import reshard
 
-        reshard.load_engine(path, engine, saved, cfg, self.rank)
-        return meta, reshard.client_state(path, saved_world, self.rank)
+            reshard.load_engine(path, engine, saved, cfg, self.rank)
+            client = reshard.client_state(path, saved_world, self.rank)
+        if ema is not None:
+            ema.load(path, self.rank, same_layout)
+        return meta, client

@@ -18,6 +18,8 @@ import torch
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step-* folder, or `unmask export` folder")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="a training checkpoint's raw weights, not its EMA of them (kept when train.ema_decay > 0)")
     p.add_argument("--prompt", action="append", default=[], help="prompt or infilling template (repeatable)")
     p.add_argument("--prompts-file", help="one prompt or template per line")
     p.add_argument("--num-samples", type=int, default=4, help="unconditional samples when no prompt is given")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     device = pick_device(args.device)
-    loaded = load(args.checkpoint, device)
+    loaded = load(args.checkpoint, device, weights="raw" if args.raw_weights else "auto")
     if loaded.objective == "ar":
         raise SamplingError(f"{args.checkpoint} is an autoregressive baseline; the diffusion samplers need a "
                             "masked-diffusion model")

@@ -21,7 +21,7 @@ def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> d
     from unmask.inference import load
 
     d = cfg.distill
-    teacher = load(d.teacher)
+    teacher = load(d.teacher, weights=d.teacher_weights)
     student_loaded = dataclasses.replace(teacher, model=copy.deepcopy(student).float().cpu().eval())
     reference = load_reference(d.reference) if d.reference else None
     length = d.eval_length or cfg.train.seq_len

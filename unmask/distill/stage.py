@@ -19,7 +19,7 @@ from unmask.errors import ConfigError
 
 def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
-    weights. Refuses layouts whose student weights are not whole on each rank (the teacher copy needs them)."""
+    weights (the checkpoint's EMA of them when it has one, as `distill.teacher_weights` says). Refuses layouts whose student weights are not whole on each rank (the teacher copy needs them)."""
     from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     path = teacher or cfg.distill.teacher
@@ -29,7 +29,7 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
         raise ConfigError(f"distill: parallel.tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, "
                           f"zero_stage={cfg.parallel.zero_stage}: distillation needs whole weights on each rank "
                           "(use data parallelism with zero_stage <= 2)")
-    teacher_cfg, state = load_checkpoint_weights(path)
+    teacher_cfg, state = load_checkpoint_weights(path, weights=cfg.distill.teacher_weights)
     if teacher_cfg.diffusion.objective != "mdlm":
         raise ConfigError(f"distill: teacher {path} is a {teacher_cfg.diffusion.objective!r} model; it must be a "
                           "masked-diffusion (mdlm) checkpoint")

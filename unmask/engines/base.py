@@ -4,7 +4,8 @@ it, so the loop never asks an engine what it can do."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,6 +21,29 @@ class StepStats:
     grad_norm: float  # before clipping
     lr: float
     skipped: bool = False  # non-finite loss or gradient: no update was applied
+
+
+@dataclass
+class LocalWeights:
+    """This rank's own storage of the trained weights (written in place by the EMA swap) and where it sits in the
+    full model, which is what checkpoint consolidation needs to put per-rank files back together.
+
+    kind "full": each tensor is this rank's whole (tensor-parallel shard of a) parameter, replicated over the
+    data-parallel ranks; "zero3": each tensor is this rank's flat ZeRO-3 partition, `shapes` giving the full shape.
+    `sync` runs after the storage was written, for engines that keep other copies of it (ZeRO-3 gathers)."""
+
+    tensors: dict[str, torch.Tensor]
+    kind: str = "full"
+    tp_rank: int = 0
+    pp_stage: int = 0
+    dp_rank: int = 0
+    dp: int = 1
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    sync: Callable[[], None] | None = None
+
+    def layout(self) -> dict:
+        return {"kind": self.kind, "tp_rank": self.tp_rank, "pp_stage": self.pp_stage, "dp_rank": self.dp_rank,
+                "dp": self.dp, "shapes": self.shapes}
 
 
 class Engine(Protocol):
@@ -44,6 +68,9 @@ class Engine(Protocol):
 
     def all_reduce_dp(self, values: list[float]) -> list[float]:
         """Sum scalars over the data-parallel ranks (the values themselves in one process)."""
+
+    def local_weights(self) -> LocalWeights:
+        """This rank's live weight storage (what the weight EMA averages and swaps in), with its layout."""
 
 
 def autocast(dtype: str | None, device: torch.device):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from unmask.config import Config
-from unmask.engines.base import StepStats
+from unmask.engines.base import LocalWeights, StepStats
 from unmask.engines.optim import build_optimizer, build_scheduler
 from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims
@@ -209,11 +209,42 @@ def step_stats(ds, loss: float, lr: float) -> StepStats:
     return StepStats(loss, norm, lr, skipped=not (ds.was_step_applied() and finite))
 
 
+def zero3_sync(ds) -> None:
+    """After a ZeRO-3 partition (`p.ds_tensor`) was written outside the optimizer: drop every gathered copy, so the
+    next forward gathers the new values, then gather the persistent parameters again. Persistent ones (numel under
+    `stage3_param_persistence_threshold`) stay gathered between steps and are refreshed from their partitions only
+    after an optimizer step; writing `ds_tensor` alone would leave their old `p.data` in use. This is what the
+    ZeRO-3 optimizer itself does around a step (`_partition_all_parameters`, then `_post_step`)."""
+    optimizer = ds.optimizer
+    optimizer.parameter_offload.partition_all_parameters()
+    persistent = optimizer.persistent_parameters
+    if persistent:
+        persistent[0].all_gather(persistent)
+
+
+def ds_local_weights(ds, pp_stage: int = 0) -> LocalWeights:
+    """A DeepSpeed module's live weights on this rank. ZeRO 0-2 keep each rank's whole (tensor-parallel shard of
+    the) parameter, identical over the data-parallel ranks, so an average of it is replicated there too; ZeRO-3
+    keeps only this rank's flat partition of each parameter."""
+    from megatron.core import parallel_state as ps
+
+    where = {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_stage": pp_stage,
+             "dp_rank": ps.get_data_parallel_rank(), "dp": ps.get_data_parallel_world_size()}
+    params = list(ds.module.named_parameters())
+    if ds.zero_optimization_stage() == 3:
+        return LocalWeights({n: p.ds_tensor.data for n, p in params}, kind="zero3",
+                            shapes={n: list(p.ds_shape) for n, p in params}, sync=lambda: zero3_sync(ds), **where)
+    return LocalWeights({n: p.data for n, p in params}, **where)
+
+
 class DeepSpeedCheckpointing:
-    """What both DeepSpeed engines share: the data-parallel reduction and per-rank checkpoint files (model shards,
-    ZeRO partitions, LR schedule) written by DeepSpeed itself."""
+    """What both DeepSpeed engines share: the data-parallel reduction, per-rank checkpoint files (model shards,
+    ZeRO partitions, LR schedule) written by DeepSpeed itself, and the live weights."""
 
     ds = None
+
+    def local_weights(self) -> LocalWeights:
+        return ds_local_weights(self.ds)
 
     def all_reduce_dp(self, values: list[float]) -> list[float]:
         return all_reduce_dp(values)

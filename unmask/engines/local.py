@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from unmask.config import Config
-from unmask.engines.base import StepStats, autocast
+from unmask.engines.base import LocalWeights, StepStats, autocast
 from unmask.engines.optim import build_optimizer, build_scheduler
 
 
@@ -51,6 +51,9 @@ class LocalEngine:
 
     def all_reduce_dp(self, values: list[float]) -> list[float]:
         return list(values)  # one process is the whole data-parallel group
+
+    def local_weights(self) -> LocalWeights:
+        return LocalWeights({n: p.data for n, p in self.model.named_parameters()})
 
     def save(self, directory: str, tag: str) -> None:
         (Path(directory) / tag).mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,11 @@ from torch import nn
 from unmask.config import Config
 from unmask.core.transformer import Transformer
 from unmask.diffusion.objective import EvalTerms
-from unmask.engines.base import StepStats
+from unmask.engines.base import LocalWeights, StepStats
 from unmask.engines.deepspeed import (
     DeepSpeedCheckpointing,
     deepspeed_config,
+    ds_local_weights,
     initialize,
     prepare_deepspeed,
     prepare_model,
@@ -165,6 +166,12 @@ class PipelineEngine(DeepSpeedCheckpointing):
         self.ds, self.optimizer, self.scheduler = initialize(cfg, module, ds_config)
         self.model = self.ds.module
         self.device = self.ds.device
+
+    def local_weights(self) -> LocalWeights:
+        """This stage's layers, named "<global layer index>.<name in the layer>" as in its layer files."""
+        from megatron.core import parallel_state as ps
+
+        return ds_local_weights(self.ds, pp_stage=ps.get_pipeline_model_parallel_rank())
 
     def train_step(self, micro_batches, keys) -> StepStats:
         lr = self.scheduler.get_last_lr()[0]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step-* folder, or `unmask export` folder")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="a training checkpoint's raw weights, not its EMA of them (kept when train.ema_decay > 0)")
     p.add_argument("--shards", help="split dir for the likelihood (default: the run's data.val_dir)")
     p.add_argument("--batches", type=int, default=16, help="held-out batches of --batch-size sequences")
     p.add_argument("--batch-size", type=int, default=8)
@@ -44,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from unmask.inference import load, pick_device
 
     device = pick_device(args.device)
-    loaded = load(args.checkpoint, device)
-    results: dict = {"checkpoint": str(args.checkpoint), "objective": loaded.objective}
+    loaded = load(args.checkpoint, device, weights="raw" if args.raw_weights else "auto")
+    results: dict = {"checkpoint": str(args.checkpoint), "objective": loaded.objective, "weights": loaded.weights}
     shards = args.shards or (loaded.config.data.val_dir if loaded.config else None)
     if shards:
         results["likelihood"] = likelihood(loaded, shards, batches=args.batches, batch_size=args.batch_size,

@@ -38,7 +38,15 @@ def _data(cfg) -> list[str]:
             f"- tokenizer: sentencepiece, vocabulary {m.get('vocab_size')}, sha256 `{m.get('tokenizer_sha256')}`"]
 
 
-def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int) -> str:
+def _weights(cfg, weights: str) -> str:
+    if weights == "ema":
+        return (f"- weights: the exponential moving average of the trained weights (decay {cfg.train.ema_decay}, "
+                "MDLM's warm-up); validation rows marked `val_weights: ema` measured them")
+    kept = " (the run also kept an EMA of them; export it without --raw-weights)" if cfg.train.ema_decay else ""
+    return f"- weights: the raw trained weights{kept}"
+
+
+def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights: str = "raw") -> str:
     m, objective = cfg.model, cfg.diffusion.objective
     train, val = _last_rows(step_dir.parent.parent, meta["step"])
     arch = ("post-LN BERT/RoBERTa encoder (learned positions, GELU, LayerNorm, biases)" if m.arch == "bert" else
@@ -61,6 +69,7 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int) -> str:
         "", "## Data", "", *_data(cfg),
         "", "## Training", "",
         f"- {meta['step']} optimizer steps, {meta.get('tokens', 0)} tokens, layout {meta.get('layout')}",
+        _weights(cfg, weights),
         "", "```toml", cfg.to_toml().strip(), "```",
         "", "## Measured metrics", "",
     ]

@@ -10,6 +10,8 @@ from unmask.export.hf import DTYPES, export
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoints/step-* folder, or a run dir (its newest valid)")
     p.add_argument("--out", required=True, help="the folder to write (must be empty or absent unless --force)")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="a training checkpoint's raw weights, not its EMA of them (kept when train.ema_decay > 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of model.safetensors")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--sampler", choices=["ancestral", "remask"], default="ancestral", help="default sampler")
@@ -18,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
-                 sampler={"kind": args.sampler, "steps": args.steps})
+                 sampler={"kind": args.sampler, "steps": args.steps},
+                 weights="raw" if args.raw_weights else "auto")
     print(f"unmask: exported {args.checkpoint} to {out}")
     return 0

@@ -30,15 +30,23 @@ AUTO_MAP = {"AutoConfig": "configuration_unmask.UnmaskConfig", "AutoModel": "mod
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
-           sampler: dict | None = None) -> Path:
-    """Write the Hugging Face folder `out` from `checkpoint`; returns `out`."""
-    from unmask.checkpoint.consolidate import find_tokenizer, load_checkpoint_weights, resolve, special_tokens
+           sampler: dict | None = None, weights: str = "auto") -> Path:
+    """Write the Hugging Face folder `out` from `checkpoint`; returns `out`. `weights`: "auto" the run's EMA of the
+    weights when the checkpoint has one, else the raw weights; "ema"; "raw" (unmask.checkpoint.consolidate)."""
+    from unmask.checkpoint.consolidate import (
+        chosen_weights,
+        find_tokenizer,
+        load_checkpoint_weights,
+        resolve,
+        special_tokens,
+    )
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise CheckpointError(f"--out {out} exists and is not an empty folder; pass --force to replace it")
     step = resolve(checkpoint)
-    cfg, state = load_checkpoint_weights(step)  # every check before anything is written
+    weights = chosen_weights(step, weights)
+    cfg, state = load_checkpoint_weights(step, weights=weights)  # every check before anything is written
     tokenizer = find_tokenizer(cfg)
     special = special_tokens(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +55,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: 
     tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write(tmp, cfg, state, special, tokenizer, step, dtype, sampler or {})
+        _write(tmp, cfg, state, special, tokenizer, step, dtype, sampler or {}, weights)
         if out.exists():  # --force: move the old folder aside first so a rename failure loses nothing
             old = out.parent / f".old-export-{out.name}-{os.getpid()}"
             os.replace(out, old)
@@ -97,14 +105,15 @@ def write_model(folder: Path, cfg, state: dict[str, torch.Tensor], special, dtyp
     return sum(v.numel() for v in weights.values())
 
 
-def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: str, sampler: dict) -> None:
+def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: str, sampler: dict,
+           weights: str = "raw") -> None:
     from unmask.data.tokenizer import export_hf_tokenizer
     from unmask.export.card import model_card
 
     n_params = write_model(tmp, cfg, state, special, dtype, sampler)
     export_hf_tokenizer(tokenizer, tmp)
     meta = json.loads((step / "meta.json").read_text())
-    (tmp / "README.md").write_text(model_card(cfg, meta, step, special, n_params))
+    (tmp / "README.md").write_text(model_card(cfg, meta, step, special, n_params, weights))
 
 
 def hf_model(cfg, state: dict[str, torch.Tensor], special):

@@ -33,11 +33,12 @@ from unmask.model.counting import param_count, train_flops_per_token
 from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims, setup_parallel, teardown_parallel
 from unmask.train.batches import tensor_parallel_batches
+from unmask.train.ema import EMA
 from unmask.train.metrics import Throughput, device_peak_flops, peak_memory_bytes
 from unmask.train.preemption import Preemption
 from unmask.train.report import Reporter
 from unmask.train.stage import Pretrain, Stage
-from unmask.train.validation import load_validation, make_loader, validate
+from unmask.train.validation import load_validation, make_loader, validate_with
 
 MAX_ROLLBACKS = 3  # rollbacks to the same step in a row before giving up
 
@@ -70,12 +71,13 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
     special = loader.manifest.special
     val_batches = load_validation(cfg, dims)
     engine = build_components(cfg, dims, device, special, init_state, stage.wrap_objective).engine
+    ema = EMA(engine.local_weights, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     ckpt = Checkpointer(run_dir, cfg.checkpoint, dims.rank, dims.world_size)
 
     progress = Progress()
     resume_from = ckpt.find(cfg.checkpoint.resume)
     if resume_from:
-        progress = restore(ckpt, resume_from, engine, loader, cfg, stage)
+        progress = restore(ckpt, resume_from, engine, loader, cfg, stage, ema)
     set_peak_lr(engine.scheduler, cfg.optim.lr * progress.lr_scale)
     report = Reporter(cfg, run_dir, dims.is_main, progress.step, progress.mlflow_run_id)
     progress.mlflow_run_id = report.run_id
@@ -104,7 +106,7 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
                 "tokens": progress.step * tokens_per_step, "config_hash": config_hash(cfg), "saved_at": time.time(),
                 "layout": {"world": dims.world_size, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
         client = {"loader": loader.state_dict(), "rng": rng_state(), "stage": stage.state_dict()}
-        say(f"saved {ckpt.save(progress.step, engine, meta, client)}")
+        say(f"saved {ckpt.save(progress.step, engine, meta, client, ema)}")
 
     try:
         while progress.step < cfg.train.steps:
@@ -114,11 +116,13 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
             meter.add(tokens_per_step)
             progress.step += 1
             if stats.skipped and handle_bad_step(progress, cfg, say):
-                progress = rollback(ckpt, engine, loader, cfg, stage, progress, say)
+                progress = rollback(ckpt, engine, loader, cfg, stage, progress, say, ema)
                 batches = iter(loader)
                 continue
             if not stats.skipped:
                 progress.bad_in_row = progress.rollbacks_in_row = 0
+                if ema:
+                    ema.update()
             done = progress.step
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 report.row({"step": done, "tokens": done * tokens_per_step, "loss": stats.loss, "lr": stats.lr,
@@ -128,7 +132,7 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
             stage.after_step(done, engine, say)
             val_due = cfg.train.val_every and done % cfg.train.val_every == 0
             if val_batches and (val_due or done == cfg.train.steps):
-                last_val = {"step": done, **validate(engine, val_batches, cfg, dims, special.pad)}
+                last_val = {"step": done, **validate_with(ema, engine, val_batches, cfg, dims, special.pad)}
                 report.row(last_val)
                 meter.reset()
             faults.hit("step.end", done)
@@ -180,7 +184,7 @@ def handle_bad_step(progress: Progress, cfg: Config, say) -> bool:
 
 
 def rollback(ckpt: Checkpointer, engine: Engine, loader: ShardLoader, cfg: Config, stage: Stage,
-             progress: Progress, say) -> Progress:
+             progress: Progress, say, ema: EMA | None = None) -> Progress:
     path = ckpt.find("auto")
     if path is None:
         raise CheckpointError(f"{progress.bad_in_row} non-finite steps in a row at step {progress.step} and no "
@@ -189,7 +193,7 @@ def rollback(ckpt: Checkpointer, engine: Engine, loader: ShardLoader, cfg: Confi
     if progress.rollbacks_in_row >= MAX_ROLLBACKS:
         raise CheckpointError(f"rolled back to {path} {MAX_ROLLBACKS} times and the loss is still not finite; "
                               "lower optim.lr or checkpoint.rollback_lr_scale")
-    restored = restore(ckpt, path, engine, loader, cfg, stage)
+    restored = restore(ckpt, path, engine, loader, cfg, stage, ema)
     restored.lr_scale = progress.lr_scale * cfg.checkpoint.rollback_lr_scale
     restored.skipped_steps = progress.skipped_steps
     restored.rollbacks_in_row = progress.rollbacks_in_row + 1
@@ -200,9 +204,9 @@ def rollback(ckpt: Checkpointer, engine: Engine, loader: ShardLoader, cfg: Confi
 
 
 def restore(ckpt: Checkpointer, path: Path, engine: Engine, loader: ShardLoader, cfg: Config,
-            stage: Stage | None = None) -> Progress:
-    """Engine, loader position, RNG and stage state from `path`; returns the saved counters."""
-    meta, client = ckpt.load(path, engine, cfg)
+            stage: Stage | None = None, ema: EMA | None = None) -> Progress:
+    """Engine, EMA, loader position, RNG and stage state from `path`; returns the saved counters."""
+    meta, client = ckpt.load(path, engine, cfg, ema)
     loader.load_state_dict(client["loader"])
     set_rng_state(client["rng"])
     (stage or Pretrain()).load_state_dict(client.get("stage", {}))

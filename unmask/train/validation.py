@@ -53,3 +53,12 @@ def validate(engine, val_batches: list[torch.Tensor], cfg: Config, dims: Paralle
     se = math.sqrt(mc_var) / max(tokens, 1)
     return {"val_nelbo": round(nelbo, 5), "val_nelbo_se": round(se, 6), "val_ppl_bound": round(perplexity(nelbo), 3),
             "val_unigram_entropy": round(unigram_entropy(val_batches, pad_id), 5), "val_tokens": int(tokens)}
+
+
+def validate_with(ema, engine, val_batches: list[torch.Tensor], cfg: Config, dims: ParallelDims, pad_id: int) -> dict:
+    """`validate` on the EMA weights when the run keeps an EMA (`ema` not None), else on the raw weights; the row
+    says which."""
+    if ema is None:
+        return {**validate(engine, val_batches, cfg, dims, pad_id), "val_weights": "raw"}
+    with ema.applied():
+        return {**validate(engine, val_batches, cfg, dims, pad_id), "val_weights": "ema"}
