@@ -23,7 +23,7 @@ def rows(run_dir) -> dict:
 
 def test_zero2_two_ranks_resume_is_bit_identical(tiny_shards, tmp_path):
     ema = ("--train.ema_decay=0.9", "--train.val_every=4", f"--data.val_dir={tiny_shards / 'val'}",
-           "--train.val_batches=2", "--train.val_time_samples=1")
+           "--train.val_batches=2", "--train.val_time_samples=2")
     whole, split = tmp_path / "whole", tmp_path / "split"
     train(2, tiny_shards, whole, "--train.steps=8", *ema)
     train(2, tiny_shards, split, "--train.steps=4", *ema)

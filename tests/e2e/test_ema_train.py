@@ -14,7 +14,7 @@ from unmask.train.ema import ema_file
 from unmask.train.loop import train
 
 FAST = ("--train.steps=12", "--train.log_every=1", "--train.val_every=4", "--train.val_batches=2",
-        "--train.val_time_samples=1", "--train.micro_batch_size=4", "--checkpoint.interval_steps=4",
+        "--train.val_time_samples=2", "--train.micro_batch_size=4", "--checkpoint.interval_steps=4",
         "--checkpoint.keep_last=3", "--train.threads=1", "--train.ema_decay=0.9")
 
 
