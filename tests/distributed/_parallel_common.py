@@ -78,7 +78,7 @@ def train(cfg: Config, steps: int, eval_split: int | None = None, ema_dir=None) 
         out["eval_after"] = evaluate(engine, cfg, dims, eval_split)
         out["ema"] = ema.shadow
         if ema_dir is not None:
-            ema.save(ema_dir, dims.rank)
+            ema.save(ema_dir)
     return out
 
 

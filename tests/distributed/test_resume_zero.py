@@ -10,7 +10,6 @@ from _resume_common import assert_same_state, step_dir, train, training_state
 
 from tests.support.runs import metrics, train_losses
 from unmask.checkpoint.consolidate import load_checkpoint_weights
-from unmask.train.ema import ema_file
 
 pytestmark = pytest.mark.distributed
 TIMINGS = ("tokens_per_s", "model_tflops", "mfu", "peak_mem_gib")
@@ -39,10 +38,11 @@ def test_zero2_two_ranks_resume_is_bit_identical(tiny_shards, tmp_path):
         _, wa = load_checkpoint_weights(step_dir(whole, 8), weights=weights)
         _, wb = load_checkpoint_weights(step_dir(split, 8), weights=weights)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    for rank in (0, 1):  # ZeRO-2: each rank's EMA is the whole model's, the same on both
-        ea = torch.load(ema_file(step_dir(whole, 8), rank), weights_only=True)
-        eb = torch.load(ema_file(step_dir(split, 8), rank), weights_only=True)
-        assert ea["updates"] == eb["updates"] == 8 and ea["layout"]["dp_rank"] == rank
-        assert all(torch.equal(ea["tensors"][k], eb["tensors"][k]) for k in ea["tensors"])
+    # ZeRO-2: the EMA is the whole model's, the same on both ranks, so one file holds it
+    assert [p.name for p in (step_dir(whole, 8) / "ema").iterdir()] == ["tp00-pp00-dp00000.pt"]
+    ea = torch.load(step_dir(whole, 8) / "ema" / "tp00-pp00-dp00000.pt", weights_only=True)
+    eb = torch.load(step_dir(split, 8) / "ema" / "tp00-pp00-dp00000.pt", weights_only=True)
+    assert ea["updates"] == eb["updates"] == 8
+    assert all(torch.equal(ea["tensors"][k], eb["tensors"][k]) for k in ea["tensors"])
     assert_same_state(training_state(step_dir(whole, 8), tmp_path / "u"), training_state(step_dir(split, 8),
                                                                                           tmp_path / "u"))

@@ -18,6 +18,9 @@ FAST = ("--train.steps=12", "--train.log_every=1", "--train.val_every=4", "--tra
         "--checkpoint.keep_last=3", "--train.threads=1", "--train.ema_decay=0.9")
 
 
+ONE = {"kind": "full", "tp_rank": 0, "pp_stage": 0, "dp_rank": 0}  # the layout of a one-process run
+
+
 def run(shards, run_dir, *extra):
     return train(tiny_config(shards, run_dir, *FAST, *extra))
 
@@ -40,8 +43,8 @@ def test_resume_with_ema_is_bit_identical(tiny_shards, tmp_path):
         assert {k: v for k, v in a[key].items() if k not in drop} == {k: v for k, v in b[key].items()
                                                                        if k not in drop}, key
     assert a[(12, True)]["val_weights"] == "ema"
-    ea = torch.load(ema_file(step(whole, 12), 0), weights_only=True)
-    eb = torch.load(ema_file(step(split, 12), 0), weights_only=True)
+    ea = torch.load(ema_file(step(whole, 12), ONE), weights_only=True)
+    eb = torch.load(ema_file(step(split, 12), ONE), weights_only=True)
     assert ea["updates"] == eb["updates"] == 12
     assert all(torch.equal(ea["tensors"][k], eb["tensors"][k]) for k in ea["tensors"])
     # auto = the EMA; it is not the raw weights; "raw" still gives them
@@ -54,7 +57,7 @@ def test_resume_with_ema_is_bit_identical(tiny_shards, tmp_path):
 def test_skipped_steps_do_not_update_the_ema(tiny_shards, tmp_path, monkeypatch):
     nan_at({5}, monkeypatch)
     run(tiny_shards, tmp_path, "--train.steps=8", "--train.val_every=0", "--data.val_dir=")
-    assert torch.load(ema_file(step(tmp_path, 8), 0), weights_only=True)["updates"] == 7
+    assert torch.load(ema_file(step(tmp_path, 8), ONE), weights_only=True)["updates"] == 7
 
 
 def test_ema_requested_from_a_checkpoint_without_one(tiny_shards, tmp_path):
@@ -63,7 +66,7 @@ def test_ema_requested_from_a_checkpoint_without_one(tiny_shards, tmp_path):
         load_checkpoint_weights(tmp_path, weights="ema")
     with pytest.warns(UserWarning, match="has no EMA"):
         run(tiny_shards, tmp_path, "--train.steps=8", "--train.val_every=0", "--data.val_dir=")
-    assert torch.load(ema_file(step(tmp_path, 8), 0), weights_only=True)["updates"] == 4
+    assert torch.load(ema_file(step(tmp_path, 8), ONE), weights_only=True)["updates"] == 4
 
 
 def test_distillation_teacher_is_the_ema_unless_raw_is_asked(tiny_shards, tmp_path):

@@ -61,9 +61,9 @@ def test_save_and_load_round_trip(tmp_path):
     ema = EMA(weights(w), 0.9)
     w.add_(1.0)
     ema.update()
-    ema.save(tmp_path, rank=0)
+    ema.save(tmp_path)
     other = EMA(weights(w), 0.9)
-    other.load(tmp_path, rank=0, same_layout=True)
+    other.load(tmp_path)
     assert other.updates == 1 and torch.equal(other.shadow["w0"], ema.shadow["w0"])
 
 
@@ -73,24 +73,39 @@ def test_a_checkpoint_without_ema_starts_from_the_weights(tmp_path):
     w.add_(5.0)
     ema.update()
     with pytest.warns(UserWarning, match="has no EMA"):
-        ema.load(tmp_path, rank=0, same_layout=True)
+        ema.load(tmp_path)
     assert ema.updates == 0 and torch.equal(ema.shadow["w0"], w)
 
 
-def test_another_data_parallel_size_loads_rank_0s_replicated_ema(tmp_path):
+def placed(w: torch.Tensor, kind: str, dp_rank: int, dp: int):
+    local = LocalWeights({"w0": w}, kind=kind, dp_rank=dp_rank, dp=dp, shapes={"w0": [2 * w.numel()]})
+    return lambda: local
+
+
+def test_whole_weights_are_saved_once_and_found_under_any_data_parallel_size(tmp_path):
     w = torch.zeros(3)
-    ema = EMA(weights(w), 0.9)
-    ema.save(tmp_path, rank=0)
-    ema.shadow["w0"].fill_(7.0)  # a rank-1 file that differs, so reading it would show
-    ema.save(tmp_path, rank=1)
-    resumed = EMA(weights(w), 0.9)
-    resumed.load(tmp_path, rank=1, same_layout=False)
-    assert torch.equal(resumed.shadow["w0"], torch.zeros(3))
-    resumed.load(tmp_path, rank=1, same_layout=True)
-    assert torch.equal(resumed.shadow["w0"], torch.full((3,), 7.0))
+    EMA(placed(w, "full", 0, 2), 0.9).save(tmp_path)
+    replica = EMA(placed(w, "full", 1, 2), 0.9)
+    replica.shadow["w0"].fill_(7.0)  # a replica that differs: writing it would show
+    replica.save(tmp_path)
+    assert [p.name for p in (tmp_path / "ema").iterdir()] == ["tp00-pp00-dp00000.pt"]
+    for dp_rank, dp in ((1, 2), (3, 4), (0, 1)):  # the same layout, and two other data-parallel sizes
+        resumed = EMA(placed(w, "full", dp_rank, dp), 0.9)
+        resumed.shadow["w0"].fill_(1.0)
+        resumed.load(tmp_path)
+        assert torch.equal(resumed.shadow["w0"], torch.zeros(3))
+
+
+def test_zero3_partitions_are_saved_per_data_parallel_rank(tmp_path):
+    for r in (0, 1):
+        EMA(placed(torch.full((3,), float(r)), "zero3", r, 2), 0.9).save(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ema").iterdir()) == ["tp00-pp00-dp00000.pt", "tp00-pp00-dp00001.pt"]
+    resumed = EMA(placed(torch.zeros(3), "zero3", 1, 2), 0.9)
+    resumed.load(tmp_path)
+    assert torch.equal(resumed.shadow["w0"], torch.ones(3))
 
 
 def test_a_saved_ema_of_another_shape_is_refused(tmp_path):
-    EMA(weights(torch.zeros(3)), 0.9).save(tmp_path, rank=0)
+    EMA(weights(torch.zeros(3)), 0.9).save(tmp_path)
     with pytest.raises(CheckpointError, match="does not fit"):
-        EMA(weights(torch.zeros(4)), 0.9).load(tmp_path, rank=0, same_layout=True)
+        EMA(weights(torch.zeros(4)), 0.9).load(tmp_path)

@@ -1,4 +1,4 @@
-"""Full fp32 EMA weights, in plain keys, from the per-rank EMA files of a checkpoint (`ema/rank-XXXXX.pt`, written
+"""Full fp32 EMA weights, in plain keys, from the EMA files of a checkpoint (`ema/tpTT-ppPP-dpDDDDD.pt`, written
 by unmask.train.ema). Each file holds that rank's average of its own weight storage and the layout of it:
 
 - kind "full": whole parameters (local engine; DeepSpeed ZeRO 0-2, where the average is the same on every
@@ -23,14 +23,14 @@ from unmask.errors import CheckpointError
 
 
 def has_ema(step: Path) -> bool:
-    return any((Path(step) / "ema").glob("rank-*.pt"))
+    return any((Path(step) / "ema").glob("*.pt"))
 
 
 def ema_state(step: Path, cfg: Config) -> dict[str, torch.Tensor]:
     """The checkpoint's EMA as full weights in plain keys (before consolidate's `_checked`)."""
     from unmask.checkpoint.consolidate import _merge_tp, pipeline_plain_key
 
-    files = sorted((Path(step) / "ema").glob("rank-*.pt"))
+    files = sorted((Path(step) / "ema").glob("*.pt"))
     by_place: dict[tuple[int, int], dict[int, dict]] = {}  # (tp rank, pp stage) -> dp rank -> file content
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True)

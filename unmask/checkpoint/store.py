@@ -3,7 +3,7 @@
 Layout under `<run_dir>/checkpoints/`:
     step-00000500/engine/...            the engine's own files (DeepSpeed shards per ZeRO/TP/PP rank, or one .pt)
     step-00000500/client/rank-00000.pt  per-rank client state: data loader position, RNG states
-    step-00000500/ema/rank-00000.pt     per-rank EMA of the weights and its layout (train.ema_decay > 0 only)
+    step-00000500/ema/tp00-pp00-dp00000.pt  EMA of the weights, a file per piece (train.ema_decay > 0 only)
     step-00000500/meta.json             step, tokens, resolved config and its hash, tracking run id, layout
     step-00000500/manifest.json         size and sha256 of every file above; written last inside the folder
     latest                              name of the newest complete checkpoint; written after the rename
@@ -168,7 +168,7 @@ class Checkpointer:
             engine.save(str(tmp), "engine")
             torch.save(client, tmp / "client" / f"rank-{self.rank:05d}.pt")
             if ema is not None:
-                ema.save(tmp, self.rank)
+                ema.save(tmp)
 
         self._agree(step, tmp, write)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -282,5 +282,5 @@ class Checkpointer:
             reshard.load_engine(path, engine, saved, cfg, self.rank)
             client = reshard.client_state(path, saved_world, self.rank)
         if ema is not None:
-            ema.load(path, self.rank, same_layout)
+            ema.load(path)
         return meta, client

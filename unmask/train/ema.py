@@ -7,8 +7,10 @@ whole parameters, tensor-parallel shards, pipeline-stage layers or ZeRO-3 partit
 device: no rank ever holds more of the EMA than of the weights. Under bf16 DeepSpeed that storage is the bf16
 module weights, not the optimizer's fp32 masters, so the average is of bf16-rounded weights (kept in fp32).
 
-Each rank saves its average in `ema/rank-XXXXX.pt` of the checkpoint, with its layout, which is what
-unmask.checkpoint.consolidate needs to rebuild the full EMA weights.
+The checkpoint keeps one file per piece of the average, `ema/tpTT-ppPP-dpDDDDD.pt`, with its layout (what
+unmask.checkpoint.consolidate needs to rebuild the full EMA weights): ZeRO-3 partitions one per data-parallel rank,
+whole weights (replicated over data-parallel ranks) only data-parallel rank 0's, so a checkpoint holds one EMA of the
+model however many replicas trained it, and a run resumed under another data-parallel size finds its file.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from unmask.engines.base import LocalWeights
 from unmask.errors import CheckpointError
 
 
-def ema_file(folder: Path, rank: int) -> Path:
-    return Path(folder) / "ema" / f"rank-{rank:05d}.pt"
+def ema_file(folder: Path, layout: dict) -> Path:
+    """The file of the piece of the EMA that a rank with this layout (LocalWeights.layout()) holds."""
+    dp_rank = layout["dp_rank"] if layout["kind"] == "zero3" else 0
+    return Path(folder) / "ema" / f"tp{layout['tp_rank']:02d}-pp{layout['pp_stage']:02d}-dp{dp_rank:05d}.pt"
 
 
 def warmup_decay(decay: float, updates: int) -> float:
@@ -83,17 +87,22 @@ class EMA:
         return {"tensors": self.shadow, "updates": self.updates, "decay": self.decay,
                 "layout": self.weights().layout()}
 
-    def save(self, folder: Path, rank: int) -> None:
-        """This rank's file under a checkpoint folder being written (Checkpointer.save's write step)."""
-        path = ema_file(folder, rank)
+    def save(self, folder: Path) -> None:
+        """This rank's piece under a checkpoint folder being written (Checkpointer.save's write step); a replica of
+        whole weights on data-parallel rank > 0 writes nothing."""
+        layout = self.weights().layout()
+        if layout["kind"] == "full" and layout["dp_rank"] > 0:
+            return
+        path = ema_file(folder, layout)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**self.state_dict(), "tensors": {n: t.cpu() for n, t in self.shadow.items()}}, path)
 
-    def load(self, folder: Path, rank: int, same_layout: bool) -> None:
-        """Restore from a checkpoint: this rank's own file in the saved layout; under another data-parallel size
-        (ZeRO 0-2, tp = pp = 1: every rank's average is the same full one) rank 0's file. A checkpoint without
-        EMA files starts the average from the restored weights."""
-        path = ema_file(folder, rank if same_layout else 0)
+    def load(self, folder: Path) -> None:
+        """Restore from a checkpoint: the file of this rank's piece (whole weights: the one file of its tensor rank
+        and stage, whatever the data-parallel size). A checkpoint without EMA files starts the average from the
+        restored weights."""
+        layout = self.weights().layout()
+        path = ema_file(folder, layout)
         if not (Path(folder) / "ema").is_dir():
             warnings.warn(f"{folder} has no EMA (saved with train.ema_decay=0); the EMA starts from its weights",
                           stacklevel=2)
@@ -102,7 +111,6 @@ class EMA:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint's EMA files do not match its layout")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        layout = self.weights().layout()
         saved = state["tensors"]
         if state["layout"]["kind"] != layout["kind"] or saved.keys() != self.shadow.keys() or any(
                 saved[n].shape != t.shape for n, t in self.shadow.items()):
