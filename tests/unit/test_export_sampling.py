@@ -1,6 +1,6 @@
 """An exported folder, loaded by transformers alone in a fresh interpreter (no unmask importable), gives unmask's
-logits and unmask's samples for the same seed: ancestral and remask, caching, blocks, top-k/top-p, guidance,
-stop_at_eos, both schedules and both architecture families."""
+logits and unmask's samples for the same seed: ancestral, remask and threshold, caching (and, in process, the KV
+cache), blocks, top-k/top-p, guidance, stop_at_eos, both schedules and both architecture families."""
 
 import pytest
 import torch
@@ -22,6 +22,7 @@ OPTIONS = [
     dict(kind="remask", steps=16, remasking="random", block_length=8, seed=1),
     dict(kind="remask", steps=10, guidance=1.5, temperature=0.0),
     dict(kind="ancestral", steps=20, stop_at_eos=True, seed=2),
+    dict(kind="threshold", threshold=0.5, block_length=8, seed=1),
 ]
 MODELS = {  # name -> (model variant, noise schedule)
     "time-conditioned": ({"time_conditioning": True}, "loglinear"),
@@ -101,6 +102,10 @@ def test_generate_from_a_prompt_and_config_defaults():
     template, _ = prompt_template([[10, 11]], 24, SP)
     ours = sample(model, template, SamplerConfig(steps=8, kind="remask", seed=5), SP)
     assert torch.equal(out["sequences"], ours.tokens) and out["steps"] == 8
+    fast = dict(kind="threshold", threshold=0.5, block_length=8, kv_cache="dual", seed=5)
+    out = hf.diffusion_generate(prompt, max_length=24, **fast)
+    ours = sample(model, template, SamplerConfig(**fast), SP)
+    assert torch.equal(out["sequences"], ours.tokens) and out["nfe"] == ours.nfe
     with pytest.raises(ValueError, match="max_length"):
         hf.diffusion_generate(prompt)
     with pytest.raises(ValueError, match="sampler: kind='beam' is not a sampler"):

@@ -1,4 +1,5 @@
-"""Sampling speed: generated tokens per second and network evaluations (NFE) of a sampler run.
+"""Sampling speed: generated tokens per second and network evaluations (NFE) of a sampler run: any sampler
+(threshold's NFE is how many steps the model's confidence took; ar's is one per generated position) and KV cache.
 
 Wall-clock figures are for reporting only; nothing asserts on them."""
 
@@ -22,6 +23,8 @@ class SpeedResult:
     generated_tokens: int
     tokens_per_second: float
     cache: bool
+    kind: str = "ancestral"
+    kv_cache: str = "none"  # the KV cache (Fast-dLLM's approximate one for diffusion, the exact one for ar)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,7 +38,8 @@ def measure_speed(model, template: torch.Tensor, cfg: SamplerConfig, special: Sp
                schedule)
     runs = [sample(model, template, cfg, special, schedule) for _ in range(max(repeats, 1))]
     best = min(runs, key=lambda r: r.seconds)
-    speed = SpeedResult(cfg.steps, best.nfe, best.seconds, best.num_generated, best.tokens_per_second, cfg.cache)
+    speed = SpeedResult(cfg.steps, best.nfe, best.seconds, best.num_generated, best.tokens_per_second, cfg.cache,
+                        cfg.kind, cfg.kv_cache)
     return speed, runs[-1]
 
 
