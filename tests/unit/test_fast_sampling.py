@@ -150,7 +150,8 @@ def test_ar_stops_when_every_row_has_ended(ar_model):
 @pytest.mark.parametrize("options, message", [
     (dict(kind="threshold", threshold=0.0), "threshold=0.0: must be in"),
     (dict(kv_cache="full"), "kv_cache='full'; allowed"),
-    (dict(cache_refresh=-1), "cache_refresh=-1"),
+    (dict(cache_refresh=-1, kv_cache="dual"), "cache_refresh=-1"),
+    (dict(cache_refresh=2), "set kv_cache to 'prefix' or 'dual'"),
     (dict(kind="ar", kv_cache="dual"), "use kv_cache='prefix'"),
     (dict(kind="ar", guidance=1.0), "set guidance=0 for kind='ar'"),
 ])
@@ -193,3 +194,13 @@ def test_cache_runs_the_whole_sequence_once_a_block(model, kv_cache, width):
     full = [i for i, w in enumerate(net.widths) if w == 33]
     assert full == [0, 10, 20] and out.nfe == len(net.widths) == 29  # <bos>, 3 prompt tokens, 29 masks
     assert net.widths[1:10] == [width] * 9  # first block: the block alone (dual) or the block and all after (prefix)
+
+
+@pytest.mark.parametrize("kind", ["threshold", "ar"])
+def test_speed_reports_the_kv_cache_and_its_nfe(model, ar_model, kind):
+    from unmask.eval.speed import measure_speed
+
+    net = ar_model if kind == "ar" else model
+    cfg = SamplerConfig(kind=kind, kv_cache="prefix", block_length=None if kind == "ar" else 10)
+    speed, out = measure_speed(net, prompts(), cfg, SP)
+    assert (speed.kind, speed.kv_cache, speed.nfe) == (kind, "prefix", out.nfe) and speed.generated_tokens == 58

@@ -53,10 +53,12 @@ class KVCache:
                 self.keys[i] = torch.cat([self.keys[i], k], dim=2)
                 self.values[i] = torch.cat([self.values[i], v], dim=2)
             return self.keys[i], self.values[i]
+        # Written in place (Fast-dLLM's replace_position): the span is re-run on every splice, so its stored keys
+        # are never read stale, and no copy of the whole cache is made per call.
         a, b = self.offset, self.offset + k.shape[2]
-        keys, values = self.keys[i], self.values[i]
-        return (torch.cat([keys[:, :, :a], k, keys[:, :, b:]], dim=2),
-                torch.cat([values[:, :, :a], v, values[:, :, b:]], dim=2))
+        self.keys[i][:, :, a:b] = k
+        self.values[i][:, :, a:b] = v
+        return self.keys[i], self.values[i]
 
 
 class LayerKV:

@@ -66,6 +66,9 @@ class SamplerOptions:
             (0 < self.threshold <= 1, f"threshold={self.threshold}: must be in (0, 1] (1 commits one token a step)"),
             (self.kv_cache in KV_CACHES, f"kv_cache={self.kv_cache!r}; allowed: {list(KV_CACHES)}"),
             (self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh}: must be >= 0 (0: at block starts only)"),
+            (not self.cache_refresh or self.kv_cache != "none",
+             f"cache_refresh={self.cache_refresh} refreshes a KV cache, and kv_cache='none': set kv_cache to "
+             "'prefix' or 'dual', or cache_refresh=0"),
             (self.kind != "ar" or self.kv_cache != "dual",
              "kv_cache='dual' caches positions after the current one, which a causal model never reads: use "
              "kv_cache='prefix' (exact) for kind='ar'"),
