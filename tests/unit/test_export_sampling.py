@@ -10,7 +10,8 @@ from tests.unit.test_export_hf import random_model
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template
-from unmask.export.hf import hf_model, write_model
+from unmask.errors import CheckpointError
+from unmask.export.hf import hf_config, hf_model, write_model
 
 SP = SpecialTokens()
 OPTIONS = [
@@ -110,3 +111,15 @@ def test_generate_from_a_prompt_and_config_defaults():
         hf.diffusion_generate(prompt)
     with pytest.raises(ValueError, match="sampler: kind='beam' is not a sampler"):
         hf.diffusion_generate(prompt, max_length=24, kind="beam")
+
+
+def test_an_ar_export_decodes_left_to_right_with_its_kv_cache():
+    cfg, model = random_model({}, objective="ar")
+    hf = hf_model(cfg, model.state_dict(), SP)
+    assert hf.config.sampler == {"kind": "ar", "kv_cache": "prefix"}
+    out = hf.diffusion_generate(torch.tensor([[SP.bos, 10, 11]]), max_length=24, seed=5)
+    template, _ = prompt_template([[10, 11]], 24, SP)
+    ours = sample(model, template, SamplerConfig(kind="ar", seed=5), SP)  # uncached: the same tokens
+    assert torch.equal(out["sequences"], ours.tokens) and out["nfe"] == 21
+    with pytest.raises(CheckpointError, match="sampler kind 'remask' does not decode this autoregressive"):
+        hf_config(cfg, SP, sampler={"kind": "remask"})
