@@ -71,7 +71,8 @@ def main() -> None:
         approximate = args.kv_cache and args.kind != "ar"  # Fast-dLLM's cache reads stale keys by design
         same = "" if torch.equal(a.tokens, b.tokens) else "  (outputs differ: approximate cache)" if approximate \
             else "  (outputs differ!)"
-        print(f"{steps:>6} | {cached.tokens_per_second:>12.1f} {cached.nfe:>5} | {plain.tokens_per_second:>14.1f} "
+        shown = "-" if args.kind in ("threshold", "ar") else steps  # they take as many steps as they need
+        print(f"{shown:>6} | {cached.tokens_per_second:>12.1f} {cached.nfe:>5} | {plain.tokens_per_second:>14.1f} "
               f"{plain.nfe:>5} | {plain.seconds / cached.seconds:>7.2f}x{same}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
