@@ -52,13 +52,13 @@ def infill():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("block_length", [None, 10])
-def test_threshold_one_is_low_confidence_remasking_one_token_a_step(model, temperature, block_length):
+@pytest.mark.parametrize("block_length, guidance", [(None, 0.0), (10, 0.0), (10, 1.5)])
+def test_threshold_one_is_low_confidence_remasking_one_token_a_step(model, temperature, block_length, guidance):
     # At threshold 1 only the forced most confident mask is committed each step; remask with one step per mask
     # commits the same one, after the same choose_tokens draw (same masks, same seed, same noise).
     template = prompts()  # 29 masks a row: blocks of 10, 10 and 9
     masks = int((template[0] == SP.mask).sum())
-    knobs = dict(temperature=temperature, block_length=block_length, seed=4)
+    knobs = dict(temperature=temperature, block_length=block_length, guidance=guidance, seed=4)
     fast = sample(model, template, SamplerConfig(kind="threshold", threshold=1.0, **knobs), SP)
     slow = sample(model, template, SamplerConfig(kind="remask", remasking="low_confidence", steps=masks, **knobs), SP)
     assert torch.equal(fast.tokens, slow.tokens)
