@@ -51,10 +51,25 @@ def test_export_samples_like_the_checkpoint(runs, tmp_path):
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
 
 
+def test_ar_run_decodes_left_to_right_and_its_kv_cache_is_exact(runs):
+    args = ("sample", "--checkpoint", str(runs / "ar"), "--prompt", "Shall I compare thee", "--length", "24")
+    cached, plain = rows(cli(*args)), rows(cli(*args, "--kv-cache", "none"))
+    assert cached[0]["sampler"]["kind"] == "ar" and cached[0]["sampler"]["kv_cache"] == "prefix"
+    assert cached[0]["tokens"] == plain[0]["tokens"] and cached[0]["generated_tokens"] > 10
+    assert cached[0]["nfe"] == plain[0]["nfe"] == cached[0]["steps"]
+
+
+def test_threshold_sampler_with_dual_cache(runs):
+    out = rows(cli("sample", "--checkpoint", str(runs / "mdlm"), "--num-samples", "2", "--length", "32",
+                   "--sampler", "threshold", "--threshold", "0.5", "--block-length", "8", "--kv-cache", "dual"))
+    assert len(out) == 2 and all(r["nfe"] <= 31 and r["sampler"]["kv_cache"] == "dual" for r in out)
+
+
 @pytest.mark.parametrize("args, says", [
     (("--prompt", "word " * 100, "--length", "16"), "sequence length is 16"),
     (("--sampler", "magic"), "kind='magic'"),
     (("--steps", "0"), "steps=0"),
+    (("--sampler", "ar"), "attends both ways"),
 ])
 def test_bad_sampling_input_is_one_clear_line(runs, args, says):
     proc = cli("sample", "--checkpoint", str(runs / "mdlm"), *args)
@@ -72,7 +87,7 @@ def test_eval_writes_likelihood_samples_and_plot(runs, tmp_path):
                                                                                         lik["nats_per_token"])
     assert [r["steps"] for r in results["samples"]] == [4, 8]
     assert results["sampler"] == {"kind": "ancestral", "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                                  "block_length": None}
+                                  "block_length": None, "threshold": 0.9, "kv_cache": "none", "cache_refresh": 0}
     assert all(r["gen_ppl"] > 1 and r["nfe"] <= r["steps"] for r in results["samples"])
     baselines = results["text_baselines"]  # held-out text and its word-shuffled copy, scored by the same judge
     assert baselines["real_text"]["gen_ppl"] > 1 and baselines["shuffled_words"]["gen_ppl"] > 1

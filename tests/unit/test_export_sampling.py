@@ -1,6 +1,6 @@
 """An exported folder, loaded by transformers alone in a fresh interpreter (no unmask importable), gives unmask's
-logits and unmask's samples for the same seed: ancestral and remask, caching, blocks, top-k/top-p, guidance,
-stop_at_eos, both schedules and both architecture families."""
+logits and unmask's samples for the same seed: ancestral, remask and threshold, caching (and, in process, the KV
+cache), blocks, top-k/top-p, guidance, stop_at_eos, both schedules and both architecture families."""
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ from tests.unit.test_export_hf import random_model
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template
-from unmask.export.hf import hf_model, write_model
+from unmask.errors import CheckpointError
+from unmask.export.hf import hf_config, hf_model, write_model
 
 SP = SpecialTokens()
 OPTIONS = [
@@ -22,6 +23,7 @@ OPTIONS = [
     dict(kind="remask", steps=16, remasking="random", block_length=8, seed=1),
     dict(kind="remask", steps=10, guidance=1.5, temperature=0.0),
     dict(kind="ancestral", steps=20, stop_at_eos=True, seed=2),
+    dict(kind="threshold", threshold=0.5, block_length=8, seed=1),
 ]
 MODELS = {  # name -> (model variant, noise schedule)
     "time-conditioned": ({"time_conditioning": True}, "loglinear"),
@@ -101,7 +103,23 @@ def test_generate_from_a_prompt_and_config_defaults():
     template, _ = prompt_template([[10, 11]], 24, SP)
     ours = sample(model, template, SamplerConfig(steps=8, kind="remask", seed=5), SP)
     assert torch.equal(out["sequences"], ours.tokens) and out["steps"] == 8
+    fast = dict(kind="threshold", threshold=0.5, block_length=8, kv_cache="dual", seed=5)
+    out = hf.diffusion_generate(prompt, max_length=24, **fast)
+    ours = sample(model, template, SamplerConfig(**fast), SP)
+    assert torch.equal(out["sequences"], ours.tokens) and out["nfe"] == ours.nfe
     with pytest.raises(ValueError, match="max_length"):
         hf.diffusion_generate(prompt)
     with pytest.raises(ValueError, match="sampler: kind='beam' is not a sampler"):
         hf.diffusion_generate(prompt, max_length=24, kind="beam")
+
+
+def test_an_ar_export_decodes_left_to_right_with_its_kv_cache():
+    cfg, model = random_model({}, objective="ar")
+    hf = hf_model(cfg, model.state_dict(), SP)
+    assert hf.config.sampler == {"kind": "ar", "kv_cache": "prefix"}
+    out = hf.diffusion_generate(torch.tensor([[SP.bos, 10, 11]]), max_length=24, seed=5)
+    template, _ = prompt_template([[10, 11]], 24, SP)
+    ours = sample(model, template, SamplerConfig(kind="ar", seed=5), SP)  # uncached: the same tokens
+    assert torch.equal(out["sequences"], ours.tokens) and out["nfe"] == 21
+    with pytest.raises(CheckpointError, match="sampler kind 'remask' does not decode this autoregressive"):
+        hf_config(cfg, SP, sampler={"kind": "remask"})

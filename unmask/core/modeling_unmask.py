@@ -105,7 +105,8 @@ class UnmaskForMaskedLM(UnmaskPreTrainedModel):
         """Fill `<mask>` positions with unmask's samplers. Either `template` [B, L] (`<mask>` where text is
         generated: continuation, infilling, unconditional), or `input_ids` [B, P] (a prompt, e.g. with <bos>)
         followed by masks up to `max_length`. Options (defaults: config.sampler, then unmask's): kind
-        (ancestral|remask), steps, block_length, remasking (low_confidence|random), temperature, top_k, top_p,
+        (ancestral|remask|threshold, or ar for a causal export), steps, block_length, remasking
+        (low_confidence|random), threshold, kv_cache (none|prefix|dual), cache_refresh, temperature, top_k, top_p,
         guidance, cache, stop_at_eos, seed. Returns {"sequences", "lengths", "nfe", "steps"}."""
         c = self.config
         if template is None:

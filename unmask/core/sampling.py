@@ -7,8 +7,13 @@ masks) are the same call. Fixed tokens never change and a committed token is nev
 Samplers (each its own step object in sampling_steps.py):
 - `ancestral`: MDLM ancestral sampling; a step that reveals nothing makes no network call (`cache`).
 - `remask`: LLaDA/MaskGIT confidence decoding, `low_confidence` or `random` remasking.
-Both decode block by block (`block_length`, semi-autoregressive, left to right) and both take
-classifier-free guidance, temperature / top-k / top-p with float64 Gumbel noise, and stop at `<eos>`.
+- `threshold`: Fast-dLLM parallel decoding: each step commits every mask whose confidence reaches `threshold`
+  (at least one); the number of steps follows the model (`steps` is not used), the NFE counts them.
+All decode block by block (`block_length`, semi-autoregressive, left to right), take classifier-free guidance,
+temperature / top-k / top-p with float64 Gumbel noise, stop at `<eos>`, and can run the network through
+Fast-dLLM's approximate KV cache (`kv_cache` "prefix" or "dual", kv_cache.py).
+- `ar`: left-to-right decoding of a causal model (the AR baseline, ar_sampling.py), with an exact KV cache
+  (`kv_cache="prefix"`) or a full forward per token ("none").
 
 Imports only torch and its siblings (see unmask.core): unmask's `sample` and an exported model's
 `diffusion_generate` both run this loop, so they give the same tokens for the same seed. Errors are plain
@@ -21,17 +26,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .sampling_steps import Ancestral, Denoiser, Remask, StepContext
+from .ar_sampling import generate_ar
+from .kv_cache import KV_CACHES, BlockCache
+from .sampling_steps import Ancestral, Denoiser, Remask, StepContext, Threshold, cut_at_eos, first_eos
 from .schedule import Schedule
 
-SAMPLERS = ("ancestral", "remask")
+SAMPLERS = ("ancestral", "remask", "threshold", "ar")
 REMASKING = ("low_confidence", "random")
 
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    kind: str = "ancestral"  # "ancestral" (MDLM) or "remask" (LLaDA/MaskGIT confidence decoding)
-    steps: int = 64  # sampling steps over the whole sequence, split evenly over the blocks
+    kind: str = "ancestral"  # "ancestral" (MDLM), "remask" (LLaDA/MaskGIT), "threshold" (Fast-dLLM), "ar" (causal)
+    steps: int = 64  # sampling steps over the whole sequence, split evenly over the blocks (not threshold / ar)
     block_length: int | None = None  # semi-autoregressive blocks of this many positions; None: one block
     remasking: str = "low_confidence"  # remask only: commit the most confident predictions, or random ones
     temperature: float = 1.0  # 0: greedy (no noise)
@@ -41,6 +48,9 @@ class SamplerOptions:
     cache: bool = True  # skip the network on steps that change no token
     stop_at_eos: bool = False  # cut each row at its first generated <eos> (variable-length output)
     seed: int = 0
+    threshold: float = 0.9  # threshold only: commit every mask whose confidence reaches it (Fast-dLLM: 0.9)
+    kv_cache: str = "none"  # "prefix" / "dual": Fast-dLLM's approximate cache (diffusion); "prefix": exact for ar
+    cache_refresh: int = 0  # diffusion kv_cache: also recompute it every N network calls; 0: only at block starts
 
     def __post_init__(self):
         checks = [
@@ -53,6 +63,17 @@ class SamplerOptions:
             (self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 keeps every token)"),
             (0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]"),
             (self.guidance >= 0, f"guidance={self.guidance}: must be >= 0 (0 is no guidance)"),
+            (0 < self.threshold <= 1, f"threshold={self.threshold}: must be in (0, 1] (1 commits one token a step)"),
+            (self.kv_cache in KV_CACHES, f"kv_cache={self.kv_cache!r}; allowed: {list(KV_CACHES)}"),
+            (self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh}: must be >= 0 (0: at block starts only)"),
+            (not self.cache_refresh or self.kv_cache != "none",
+             f"cache_refresh={self.cache_refresh} refreshes a KV cache, and kv_cache='none': set kv_cache to "
+             "'prefix' or 'dual', or cache_refresh=0"),
+            (self.kind != "ar" or self.kv_cache != "dual",
+             "kv_cache='dual' caches positions after the current one, which a causal model never reads: use "
+             "kv_cache='prefix' (exact) for kind='ar'"),
+            (self.kind != "ar" or not self.guidance,
+             "guidance masks the prompt, which an autoregressive model cannot take: set guidance=0 for kind='ar'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,14 +126,25 @@ def check_template(template: torch.Tensor, options: SamplerOptions, mask_id: int
         rows = (~prompt_mask.any(1)).nonzero()[:, 0].tolist()
         raise ValueError(f"guidance needs a prompt in every row: row(s) {rows} have no prompt token to condition "
                          "on (set guidance=0 for unconditional rows)")
-    split_steps(options.steps, int(block_ids(masks, options.block_length).max()) + 1)
+    if options.kind == "ar" and masks[:, 0].any():
+        raise ValueError("kind='ar' predicts each token from the ones before it: every template row needs a fixed "
+                         "token (e.g. <bos>) before its first <mask>")
+    if options.kind in ("ancestral", "remask"):  # threshold and ar take as many steps as they need
+        split_steps(options.steps, int(block_ids(masks, options.block_length).max()) + 1)
 
 
-def first_eos(x: torch.Tensor, generated: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Index of each row's first generated <eos> [B]; L when there is none."""
-    L = x.shape[1]
-    pos = torch.arange(L, device=x.device).expand_as(x)
-    return torch.where((x == eos_id) & generated, pos, L).min(1).values
+def check_model(model, options: SamplerOptions) -> None:
+    """The sampler and the model agree: ar for a causal model only, a KV cache only where the model takes one."""
+    causal = bool(getattr(model, "causal", False))
+    if causal and options.kind != "ar":
+        raise ValueError(f"kind={options.kind!r} is a masked-diffusion sampler but this model is causal (an "
+                         "autoregressive baseline): use kind='ar'")
+    if options.kind == "ar" and not causal:
+        raise ValueError("kind='ar' decodes left to right with a causal model, and this model attends both ways: "
+                         "use a diffusion sampler (ancestral, remask, threshold)")
+    if options.kv_cache != "none" and not getattr(model, "supports_kv_cache", False):
+        raise ValueError(f"kv_cache={options.kv_cache!r} needs a model that takes cached keys/values (unmask's "
+                         f"transformer); {type(model).__name__} does not: use kv_cache='none'")
 
 
 def stop_finished_rows(x, generated, mask_id: int, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -138,18 +170,25 @@ def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: in
     if prompt_mask is None:
         prompt_mask = default_prompt_mask(template, mask_id, pad_id)
     check_template(template, o, mask_id, max_len, prompt_mask)
+    check_model(model, o)
+    if o.kind == "ar":
+        return generate_ar(model, template, o, mask_id, eos_id, pad_id)
     generated = template == mask_id  # [B, L]
     blocks = block_ids(generated, o.block_length)  # [B, L]
-    per_block = split_steps(o.steps, int(blocks.max()) + 1)
+    per_block = steps_per_block(o, blocks)
     generator = torch.Generator(device=template.device).manual_seed(o.seed)
-    denoiser = Denoiser(model, mask_id, pad_id, schedule, time_conditioned, o.guidance, prompt_mask, generated, o.cache)
+    block_cache = BlockCache(model, o.kv_cache, o.cache_refresh) if o.kv_cache != "none" else None
+    denoiser = Denoiser(model, mask_id, pad_id, schedule, time_conditioned, o.guidance, prompt_mask, generated, o.cache,
+                        block_cache)
     ctx = StepContext(denoiser, schedule, mask_id, o.temperature, o.top_k, o.top_p, generator)
-    stepper = Ancestral() if o.kind == "ancestral" else Remask(o.remasking)
+    stepper = {"ancestral": Ancestral, "remask": lambda: Remask(o.remasking),
+               "threshold": lambda: Threshold(o.threshold)}[o.kind]()
 
     x, steps_taken = template.clone(), 0
     for j, n in enumerate(per_block):
         active = blocks == j  # [B, L]
         block_masks = ((x == mask_id) & active).sum(1)  # [B], the masks this block starts with
+        denoiser.start_block(active)
         for k in range(n):
             if not ((x == mask_id) & active).any():
                 break  # every row finished this block (stopped at <eos>)
@@ -160,7 +199,14 @@ def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: in
                 x = stop_finished_rows(x, generated, mask_id, eos_id, pad_id)
     lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
     if o.stop_at_eos:
-        lengths = first_eos(x, generated, eos_id)
-        pos = torch.arange(x.shape[1], device=x.device)[None]
-        x = x.masked_fill(generated & (pos > lengths[:, None]), pad_id)  # text after <eos> is dropped
+        x, lengths = cut_at_eos(x, generated, eos_id, pad_id)  # text after <eos> is dropped
     return x, lengths, denoiser.nfe, steps_taken
+
+
+def steps_per_block(options: SamplerOptions, blocks: torch.Tensor) -> list[int]:
+    """The step budget of each block; threshold's is the block's mask count (each step commits at least one, and
+    the loop stops as soon as the block is decoded)."""
+    n_blocks = int(blocks.max()) + 1
+    if options.kind == "threshold":
+        return [int((blocks == j).sum(1).max()) for j in range(n_blocks)]
+    return split_steps(options.steps, n_blocks)

@@ -4,7 +4,8 @@
   classifier-free guidance and SUBS (the `<mask>` logit is -inf), counts network evaluations (NFE) and remembers
   its last output (caching).
 - `choose_tokens` turns logits into tokens: temperature, top-k, top-p, then Gumbel-max in float64.
-- `Ancestral` (MDLM) and `Remask` (LLaDA/MaskGIT) each take the current tokens from time t to s < t.
+- `Ancestral` (MDLM), `Remask` (LLaDA/MaskGIT) and `Threshold` (Fast-dLLM) each take the current tokens from time
+  t to s < t.
 
 Random numbers are drawn in the same order whether or not the network is called, so a cached run
 reproduces an uncached one exactly for the same seed. Imports only torch and its siblings (see unmask.core).
@@ -22,33 +23,46 @@ from .schedule import Schedule
 class Denoiser:
     """The network as the samplers see it: x_t [B, L] -> float64 logits of x0 at chosen positions [N, V].
 
-    generated [B, L]: the template's `<mask>` positions, the ones a time-conditioned network counts in its time."""
+    generated [B, L]: the template's `<mask>` positions, the ones a time-conditioned network counts in its time.
+    block_cache (kv_cache.BlockCache): when given, the network runs through it and may compute only a span of the
+    positions (the current block's); the samplers only ask for positions of the current block."""
 
     def __init__(self, model, mask_id: int, pad_id: int, schedule: Schedule, time_conditioned: bool,
-                 guidance: float, prompt_mask: torch.Tensor, generated: torch.Tensor, cache: bool):
+                 guidance: float, prompt_mask: torch.Tensor, generated: torch.Tensor, cache: bool, block_cache=None):
         self.model, self.mask_id, self.pad_id, self.schedule = model, mask_id, pad_id, schedule
         self.time_conditioned, self.guidance, self.cache = time_conditioned, guidance, cache
-        self.prompt_mask, self.generated = prompt_mask, generated
+        self.prompt_mask, self.generated, self.block_cache = prompt_mask, generated, block_cache
         self.nfe = 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, logits [B, L, V])
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (x, logits [B, n, V], start)
 
-    def full_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Guided logits [B, L, V] in the model's dtype; re-used when the input has not changed."""
+    def start_block(self, active: torch.Tensor) -> None:
+        if self.block_cache is not None:
+            self.block_cache.start_block(active)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(logits [B, n, V] of positions [start, start + n), start)."""
+        if self.block_cache is None:
+            return self.model(*args), 0
+        return self.block_cache(*args)
+
+    def full_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Guided logits [B, n, V] in the model's dtype of positions from `start`, and start; re-used when the
+        input has not changed."""
         if self.cache and self._last is not None and torch.equal(self._last[0], x):
-            return self._last[1]
+            return self._last[1], self._last[2]
         B = x.shape[0]
         inputs, maskable = x, self.generated & (x != self.pad_id)  # <pad> is never masked in training
         if self.guidance:  # unconditional = the same tokens with the prompt masked (SMDM/LLaDA)
             inputs = torch.cat([x, x.masked_fill(self.prompt_mask, self.mask_id)])  # [2B, L]
             maskable = torch.cat([maskable, maskable | self.prompt_mask])
         args = (inputs, self.row_times(inputs, maskable)) if self.time_conditioned else (inputs,)
-        logits = self.model(*args)  # [B or 2B, L, V]
+        logits, start = self.forward(*args)  # [B or 2B, n, V]
         self.nfe += 1  # conditional and unconditional share one batched call
         if self.guidance:
             logits = guide(logits[:B], logits[B:], self.guidance)
         if self.cache:
-            self._last = (x.clone(), logits)
-        return logits
+            self._last = (x.clone(), logits, start)
+        return logits, start
 
     def row_times(self, inputs: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
         """Each row's time [B]: the one whose mask probability is the row's share of masked maskable positions, the
@@ -59,7 +73,8 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """x: [B, L], where: [B, L] bool -> float64 logits [N, V] at the N positions of `where`."""
-        logits = self.full_logits(x)[where].double()  # gather first: float64 only for what is used
+        logits, start = self.full_logits(x)
+        logits = logits[where[:, start:start + logits.shape[1]]].double()  # gather first: float64 only for the used
         logits[:, self.mask_id] = float("-inf")  # SUBS: <mask> is never predicted
         return logits
 
@@ -175,3 +190,45 @@ class Remask:
         candidates = x.clone()
         candidates[masked] = tokens
         return torch.where(commit, candidates, x)
+
+
+class Threshold:
+    """Fast-dLLM's confidence-threshold parallel decoding (`get_transfer_index` with a threshold): every mask of the
+    block whose chosen token has confidence >= threshold is committed, and at least the most confident one, so a
+    step always makes progress and the number of steps follows the model's certainty. At threshold 1 nothing passes
+    unless the model is certain to float64 precision, so the forced one is committed alone: low-confidence
+    remasking, one token per step."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def step(self, ctx: StepContext, x: torch.Tensor, active: torch.Tensor, t: float, s: float,
+             block_masks: torch.Tensor) -> torch.Tensor:
+        B, L = x.shape
+        # 1. Masks of the current block [B, L]; a candidate token and its confidence at each [N].
+        masked = (x == ctx.mask_id) & active
+        tokens, confidence = ctx.choose(ctx.denoiser(x, masked))
+        board = torch.full((B, L), -math.inf, dtype=torch.float64, device=x.device)
+        board[masked] = confidence
+        # 2. Commit the confident ones and each row's most confident (argmax: the first of equals, as Remask's
+        # stable ranking), in rows that still have masks: [B, L].
+        commit = masked & (board >= self.threshold)
+        top = torch.zeros_like(masked).scatter_(1, board.argmax(1, keepdim=True), True)
+        commit |= top & masked
+        candidates = x.clone()
+        candidates[masked] = tokens
+        return torch.where(commit, candidates, x)
+
+
+def first_eos(x: torch.Tensor, generated: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Index of each row's first generated <eos> [B]; L when there is none."""
+    L = x.shape[1]
+    pos = torch.arange(L, device=x.device).expand_as(x)
+    return torch.where((x == eos_id) & generated, pos, L).min(1).values
+
+
+def cut_at_eos(x: torch.Tensor, generated: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens with <pad> after each row's first generated <eos>, lengths [B]: the tokens before it)."""
+    lengths = first_eos(x, generated, eos_id)
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    return x.masked_fill(generated & (pos > lengths[:, None]), pad_id), lengths

@@ -9,7 +9,10 @@ Architecture choices:
 - grouped-query attention when n_kv_heads < n_heads;
 - optional tied input/output embeddings;
 - optional adaLN-zero time conditioning (MDLM's DiT); off by default, as in LLaDA, since masked
-  diffusion needs no time input (the mask count carries it).
+  diffusion needs no time input (the mask count carries it);
+- an optional `kv` cache argument (kv_cache.KVCache) for the samplers: a forward of a slice of the positions
+  attends to keys/values kept from earlier forwards. Training never passes one; without it the forward is the
+  plain one.
 
 The model knows nothing about ranks or the objective: parallelism replaces its Linear/Embedding
 modules from outside (unmask.parallel), and the `<mask>` handling lives in the objective and the samplers.
@@ -66,18 +69,29 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
+        """kv: one layer's view of a kv_cache.KVCache, which stores or splices in this slice's keys/values."""
         B, L, _ = x.shape
         # Head counts come from the projection widths so a tensor-parallel shard works unchanged.
         q = self.wq(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
         k = self.wk(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
         v = self.wv(x).view(B, L, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(k, v)  # [B, Hkv, Lk, D]: every position this slice attends to
         if k.shape[1] != q.shape[1]:
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, Hq, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal_mask(L, k.shape[2], x.device),
+                                             is_causal=self.causal and L == k.shape[2])  # [B, Hq, L, D]
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+    def causal_mask(self, lq: int, lk: int, device) -> torch.Tensor | None:
+        """For queries that are the last lq of lk keys (cached causal decoding): SDPA's is_causal aligns the mask
+        top-left, which would hide the cached keys from the new queries."""
+        if not self.causal or lq == lk:
+            return None
+        return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
 
 
 class FeedForward(nn.Module):
@@ -101,13 +115,13 @@ class Block(nn.Module):
         # adaLN-zero: shift/scale/gate for both sublayers from the time embedding.
         self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if cfg.time_conditioning else None
 
-    def forward(self, x, cos, sin, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cond: torch.Tensor | None = None, kv=None) -> torch.Tensor:
         if self.adaln is None:
-            x = x + self.attention(self.attention_norm(x), cos, sin)
+            x = x + self.attention(self.attention_norm(x), cos, sin, kv)
             return x + self.feed_forward(self.ffn_norm(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)
         h = self.attention_norm(x) * (1 + scale1) + shift1
-        x = x + gate1 * self.attention(h, cos, sin)
+        x = x + gate1 * self.attention(h, cos, sin, kv)
         h = self.ffn_norm(x) * (1 + scale2) + shift2
         return x + gate2 * self.feed_forward(h)
 
@@ -128,6 +142,8 @@ class TimeEmbedding(nn.Module):
 
 
 class Transformer(nn.Module):
+    supports_kv_cache = True  # the samplers' KV caches need the `kv` argument of forward
+
     def __init__(self, cfg, causal: bool = False):
         super().__init__()
         self.cfg, self.causal = cfg, causal
@@ -160,12 +176,21 @@ class Transformer(nn.Module):
         """Final norm and vocabulary projection: [B, L, D] -> logits [B, L, V]."""
         return self.output(self.norm(h))
 
-    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V]."""
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, kv=None) -> torch.Tensor:
+        """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V].
+
+        kv (kv_cache.KVCache, samplers only): tokens are positions [kv.offset, kv.offset + L) of a longer sequence
+        whose other positions' keys/values the cache holds."""
         h, cond = self.embed(tokens, t)
-        cos, sin = self.rope(tokens.shape[1], h.device)
-        for layer in self.layers:
-            h = layer(h, cos, sin, cond)
+        if kv is None:
+            cos, sin = self.rope(tokens.shape[1], h.device)
+            for layer in self.layers:
+                h = layer(h, cos, sin, cond)
+            return self.head(h)
+        cos, sin = self.rope(kv.offset + tokens.shape[1], h.device)
+        cos, sin = cos[kv.offset:], sin[kv.offset:]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cond, kv.layer(i))
         return self.head(h)
 
     @torch.no_grad()

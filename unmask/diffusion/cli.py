@@ -3,6 +3,9 @@
 Prompts come from --prompt (repeatable) or --prompts-file (one per line). A prompt with `<mask>` or
 `<mask:N>` spans is an infilling template (each span becomes --span masks, or N); any other prompt is
 continued with masks up to --length. No prompt: --num-samples unconditional samples.
+
+An autoregressive run (diffusion.objective = "ar") is decoded left to right (sampler `ar`, with its exact KV cache
+unless --kv-cache none), so diffusion and AR generation speed are read off the same rows (nfe, tokens_per_second).
 """
 
 from __future__ import annotations
@@ -25,14 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=4, help="unconditional samples when no prompt is given")
     p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
     p.add_argument("--span", type=int, default=8, help="masks per bare <mask> span in a template")
-    p.add_argument("--sampler", default="ancestral", help="ancestral (MDLM) or remask (LLaDA/MaskGIT)")
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--sampler", default=None, help="ancestral (MDLM), remask (LLaDA/MaskGIT), threshold "
+                   "(Fast-dLLM parallel decoding) or ar; default: ar for an autoregressive run, else ancestral")
+    p.add_argument("--steps", type=int, default=64, help="sampling steps (ancestral, remask)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks of this length")
     p.add_argument("--remasking", default="low_confidence", help="low_confidence or random (remask sampler)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight (prompts only)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="threshold sampler: commit every mask whose confidence reaches it (at least one a step)")
+    p.add_argument("--kv-cache", default=None, choices=["none", "prefix", "dual"],
+                   help="diffusion: Fast-dLLM's approximate KV cache (prefix: the positions before the block; dual: "
+                   "before and after); ar: prefix is exact. Default: prefix for an AR run, else none")
+    p.add_argument("--cache-refresh", type=int, default=0,
+                   help="diffusion KV cache: recompute it every N network calls too (0: only at block starts)")
     p.add_argument("--no-cache", action="store_true", help="call the network even when no token changed")
     p.add_argument("--stop-at-eos", action="store_true", help="cut each sample at its first generated <eos>")
     p.add_argument("--batch-size", type=int, default=8)
@@ -47,18 +58,21 @@ def run(args: argparse.Namespace) -> int:
     from unmask.diffusion.sampler_template import infill_template, prompt_template, split_mask_spans
     from unmask.inference import load, pick_device
 
-    cfg = SamplerConfig(kind=args.sampler, steps=args.steps, block_length=args.block_length,
-                        remasking=args.remasking, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        guidance=args.guidance, cache=not args.no_cache, stop_at_eos=args.stop_at_eos,
-                        seed=args.seed)
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     device = pick_device(args.device)
     loaded = load(args.checkpoint, device, weights="raw" if args.raw_weights else "auto")
-    if loaded.objective == "ar":
-        raise SamplingError(f"{args.checkpoint} is an autoregressive baseline; the diffusion samplers need a "
-                            "masked-diffusion model")
+    ar = loaded.objective == "ar"
+    kind = args.sampler or ("ar" if ar else "ancestral")
+    if ar and kind != "ar":
+        raise SamplingError(f"{args.checkpoint} is an autoregressive baseline: --sampler {kind} needs a "
+                            "masked-diffusion model; use --sampler ar (or leave it out)")
+    cfg = SamplerConfig(kind=kind, steps=args.steps, block_length=args.block_length, remasking=args.remasking,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
+                        cache=not args.no_cache, stop_at_eos=args.stop_at_eos, seed=args.seed,
+                        threshold=args.threshold, kv_cache=args.kv_cache or ("prefix" if ar else "none"),
+                        cache_refresh=args.cache_refresh)
     length = args.length or loaded.model_cfg.max_seq_len
     special, codec = loaded.special, loaded.codec
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - closed below when a file

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.core.sampling import SamplerOptions, check_template, default_prompt_mask, generate
+from unmask.core.sampling import SamplerOptions, check_model, check_template, default_prompt_mask, generate
 from unmask.core.schedule import Schedule, get_schedule
 from unmask.data.special import SpecialTokens
 from unmask.errors import UnmaskError
@@ -83,8 +83,9 @@ def sample(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTo
         time_conditioned = bool(getattr(model_cfg, "time_conditioning", False))
     if prompt_mask is None:
         prompt_mask = default_prompt_mask(template, special.mask, special.pad)
-    try:  # generate checks too; checked here first so a bad template is a SamplingError
+    try:  # generate checks too; checked here first so a bad template or model is a SamplingError
         check_template(template, cfg, special.mask, max_len, prompt_mask)
+        check_model(model, cfg)
     except ValueError as e:
         raise SamplingError(str(e)) from None
     start = time.perf_counter()

@@ -28,11 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="16,64", help="comma-separated sampling steps to evaluate samples at")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--length", type=int, default=128, help="tokens per unconditional sample")
-    p.add_argument("--sampler", default="ancestral", help="ancestral (MDLM) or remask (LLaDA/MaskGIT)")
+    p.add_argument("--sampler", default="ancestral",
+                   help="ancestral (MDLM), remask (LLaDA/MaskGIT) or threshold (Fast-dLLM parallel decoding)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: all)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks of this length")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: confidence to commit a token at")
+    p.add_argument("--kv-cache", default="none", choices=["none", "prefix", "dual"],
+                   help="Fast-dLLM's approximate KV cache (recomputed at each block start)")
+    p.add_argument("--cache-refresh", type=int, default=0, help="also recompute the KV cache every N network calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N: the model "
                    "and the reference LM")
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if loaded.objective == "mdlm":
         reference = load_reference(args.reference, device) if args.reference else None
         knobs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                 "block_length": args.block_length}
+                 "block_length": args.block_length, "threshold": args.threshold, "kv_cache": args.kv_cache,
+                 "cache_refresh": args.cache_refresh}
         results["sampler"] = {"kind": args.sampler, **knobs}  # scores depend on it: say which
         results["samples"] = [samples_at(loaded, int(s), reference, num_samples=args.num_samples, length=args.length,
                                          sampler=args.sampler, seed=args.seed, **knobs)

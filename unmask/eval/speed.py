@@ -1,4 +1,5 @@
-"""Sampling speed: generated tokens per second and network evaluations (NFE) of a sampler run.
+"""Sampling speed: generated tokens per second and network evaluations (NFE) of a sampler run: any sampler
+(threshold's NFE is how many steps the model's confidence took; ar's is one per generated position) and KV cache.
 
 Wall-clock figures are for reporting only; nothing asserts on them."""
 
@@ -22,6 +23,8 @@ class SpeedResult:
     generated_tokens: int
     tokens_per_second: float
     cache: bool
+    kind: str = "ancestral"
+    kv_cache: str = "none"  # the KV cache (Fast-dLLM's approximate one for diffusion, the exact one for ar)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,12 +34,21 @@ def measure_speed(model, template: torch.Tensor, cfg: SamplerConfig, special: Sp
                   schedule="loglinear", repeats: int = 1, warmup: bool = True) -> tuple[SpeedResult, SampleResult]:
     """Time `sample` (best of `repeats`, after one untimed warm-up run) -> (speed, the last run's samples)."""
     if warmup:
-        sample(model, template, dataclasses.replace(cfg, steps=min(cfg.steps, 2), block_length=None), special,
-               schedule)
+        sample(model, *short_run(template, cfg, special), special, schedule)
     runs = [sample(model, template, cfg, special, schedule) for _ in range(max(repeats, 1))]
     best = min(runs, key=lambda r: r.seconds)
-    speed = SpeedResult(cfg.steps, best.nfe, best.seconds, best.num_generated, best.tokens_per_second, cfg.cache)
+    speed = SpeedResult(cfg.steps, best.nfe, best.seconds, best.num_generated, best.tokens_per_second, cfg.cache,
+                        cfg.kind, cfg.kv_cache)
     return speed, runs[-1]
+
+
+def short_run(template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens) -> tuple[torch.Tensor, SamplerConfig]:
+    """A warm-up of a few network calls: first-call costs (allocation, kernel choice) stay out of the timed runs.
+    threshold and ar take as many calls as positions, so threshold commits a whole block per call and ar stops
+    two positions past the longest prompt."""
+    if cfg.kind == "ar":
+        return template[:, :int((template == special.mask).long().argmax(1).max()) + 2], cfg
+    return template, dataclasses.replace(cfg, steps=min(cfg.steps, 2), block_length=None, threshold=1e-9)
 
 
 def speed_sweep(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,

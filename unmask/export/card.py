@@ -90,7 +90,8 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights:
         "out = model.diffusion_generate(ids, max_length=64, steps=64, seed=0)  # unmask's samplers",
         "print(tok.decode(out['sequences'][0]))",
         "```", "",
-        "`diffusion_generate` runs the same samplers as `unmask` (ancestral, remask; blocks, guidance, top-k/top-p) "
+        "`diffusion_generate` runs the same samplers as `unmask` (ancestral, remask, threshold, ar for an "
+        "autoregressive run; blocks, guidance, top-k/top-p, KV cache) "
         "and gives the same tokens for the same seed; its defaults are `config.sampler`.", "",
     ]
     return "\n".join(lines)

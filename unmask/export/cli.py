@@ -14,13 +14,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a training checkpoint's raw weights, not its EMA of them (kept when train.ema_decay > 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of model.safetensors")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--sampler", choices=["ancestral", "remask"], default="ancestral", help="default sampler")
+    p.add_argument("--sampler", choices=["ancestral", "remask", "threshold", "ar"], default=None,
+                   help="default sampler (default: ar for an autoregressive run, else ancestral)")
     p.add_argument("--steps", type=int, default=64, help="default sampling steps")
 
 
 def run(args: argparse.Namespace) -> int:
     out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
-                 sampler={"kind": args.sampler, "steps": args.steps},
+                 sampler={"steps": args.steps, **({"kind": args.sampler} if args.sampler else {})},
                  weights="raw" if args.raw_weights else "auto")
     print(f"unmask: exported {args.checkpoint} to {out}")
     return 0

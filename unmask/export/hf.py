@@ -47,6 +47,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: 
     step = resolve(checkpoint)
     weights = chosen_weights(step, weights)
     cfg, state = load_checkpoint_weights(step, weights=weights)  # every check before anything is written
+    sampler = sampler_defaults(cfg, sampler or {})
     tokenizer = find_tokenizer(cfg)
     special = special_tokens(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,17 +74,29 @@ def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
     from unmask.core.configuration_unmask import UnmaskConfig
 
     m = cfg.model
+    sampler = sampler_defaults(cfg, sampler or {})
     config = UnmaskConfig(
         arch=m.arch, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads, ffn_dim=m.ffn_dim,
         vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
         time_conditioning=m.time_conditioning, cond_dim=m.cond_dim, init_std=m.init_std,
         causal=cfg.causal, tie_word_embeddings=m.tie_embeddings, mask_token_id=special.mask,
         pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos, unk_token_id=special.unk,
-        noise_schedule=cfg.diffusion.schedule, sampler=sampler or {})
+        noise_schedule=cfg.diffusion.schedule, sampler=sampler)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["UnmaskForMaskedLM"]
     config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     return config
+
+
+def sampler_defaults(cfg, sampler: dict) -> dict:
+    """config.json's sampler defaults: an autoregressive run's `diffusion_generate` decodes left to right, with its
+    exact KV cache, unless told otherwise; a diffusion sampler would fail on it at every call, so it is refused here."""
+    kind = sampler.get("kind", "ar" if cfg.causal else "ancestral")
+    if cfg.causal != (kind == "ar"):
+        run = "autoregressive (diffusion.objective = 'ar')" if cfg.causal else "masked-diffusion"
+        raise CheckpointError(f"sampler kind {kind!r} does not decode this {run} run: leave the sampler out (ar for "
+                              "an autoregressive run, ancestral otherwise) or pick one for this kind of run")
+    return {"kind": "ar", "kv_cache": "prefix", **sampler} if cfg.causal else dict(sampler)
 
 
 def write_model(folder: Path, cfg, state: dict[str, torch.Tensor], special, dtype: str = "fp32",
