@@ -19,7 +19,8 @@ from unmask.errors import ConfigError
 
 def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
-    weights (the checkpoint's EMA of them when it has one, as `distill.teacher_weights` says). Refuses layouts whose student weights are not whole on each rank (the teacher copy needs them)."""
+    weights (the checkpoint's EMA of them when it has one, as `distill.teacher_weights` says). Refuses layouts
+    whose student weights are not whole on each rank (the teacher copy needs them)."""
     from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     path = teacher or cfg.distill.teacher
