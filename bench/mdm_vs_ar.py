@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "ema": (["--train.ema_decay=0.999"], True),
     "beta2_0.999": (["--optim.beta2=0.999"], True),
     "lr_1e-2": (["--optim.lr=1e-2"], True),
+    "lr_1e-3": (["--optim.lr=1e-3"], True),
     "batch_8": (["--train.micro_batch_size=8", "--train.steps={double}"], True),
     "batch_64_lr_6e-3": (["--train.micro_batch_size=64", "--train.steps={quarter}", "--optim.lr=6e-3"], True),
 }
