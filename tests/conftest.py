@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny-model calls (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny model
+    gains nothing from more threads, and on a busy machine their hand-offs cost 100x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shakespeare_dir() -> Path:
     """Directory of cleaned Shakespeare works, one UTF-8 .txt per work."""

@@ -17,13 +17,7 @@ from unmask.model.build import build_model
 SP = SpecialTokens()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from more threads, and on a busy machine their hand-offs cost 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(causal=False, **overrides):

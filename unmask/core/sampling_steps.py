@@ -160,6 +160,13 @@ class Ancestral:
         return x
 
 
+def confidence_board(masked: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """Each mask's confidence [N] laid out on the sequence [B, L] (float64), -inf where there is no mask."""
+    board = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=masked.device)
+    board[masked] = confidence
+    return board
+
+
 class Remask:
     """Confidence-based decoding (LLaDA, MaskGIT): predict every mask of the block, commit the most confident
     (or random) ones so that (1 - alpha(s)) of the block's masks remain, and leave the rest masked."""
@@ -182,8 +189,7 @@ class Remask:
         if self.remasking == "random":
             confidence = torch.rand(tokens.shape, dtype=torch.float64, generator=ctx.generator, device=x.device)
         # 3. Rank the masks of each row by confidence; commit the top commit_count[b]: [B, L].
-        board = torch.full((B, L), -math.inf, dtype=torch.float64, device=x.device)
-        board[masked] = confidence
+        board = confidence_board(masked, confidence)
         order = board.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=x.device).expand(B, L))
         commit = masked & (rank < commit_count[:, None])
@@ -204,12 +210,10 @@ class Threshold:
 
     def step(self, ctx: StepContext, x: torch.Tensor, active: torch.Tensor, t: float, s: float,
              block_masks: torch.Tensor) -> torch.Tensor:
-        B, L = x.shape
         # 1. Masks of the current block [B, L]; a candidate token and its confidence at each [N].
         masked = (x == ctx.mask_id) & active
         tokens, confidence = ctx.choose(ctx.denoiser(x, masked))
-        board = torch.full((B, L), -math.inf, dtype=torch.float64, device=x.device)
-        board[masked] = confidence
+        board = confidence_board(masked, confidence)
         # 2. Commit the confident ones and each row's most confident (argmax: the first of equals, as Remask's
         # stable ranking), in rows that still have masks: [B, L].
         commit = masked & (board >= self.threshold)
