@@ -126,7 +126,8 @@ def table(work: Path, variants: list[str], seeds: list[int], steps: int) -> None
     print("| variant | steps | seeds | MDM bound (nats/token) | validation SE | MDM / AR |\n|---|---|---|---|---|---|")
     print(f"| AR baseline | 3000 | {len(ar)} | {spread(list(ar.values()))} (AR NLL) | exact | 1 |")
     for variant in variants:
-        for n in sorted({steps, 3000, 6000}):
+        budgets = {int(d.name.rsplit("-", 1)[1]) for d in (work / "runs").glob(f"mdlm-{variant}-s*-*")}
+        for n in sorted(budgets | {steps}):
             rows = {s: r for s in seeds if (r := finished(work, "mdlm", variant, s, n))}
             if not rows or not ar:
                 continue
