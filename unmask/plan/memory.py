@@ -3,8 +3,9 @@
 Model states (Rajbhandari et al. 2020, ZeRO): weights, gradients, Adam's two moments and, when weights are
 not fp32 or ZeRO >= 1, an fp32 master copy. ZeRO-1 shards optimizer and master over the data-parallel ranks,
 ZeRO-2 also gradients, ZeRO-3 also weights. Tensor parallelism divides the projections and the vocabulary,
-pipeline parallelism the blocks. DeepSpeed's fp32 ZeRO >= 1 keeps a flat fp32 partition besides the model's
-weights (bench/parallel.py measures it), so fp32 runs pay the master copy too.
+pipeline parallelism the blocks. DeepSpeed's fp32 ZeRO 1-2 keeps a flat fp32 partition besides the model's
+weights (bench/parallel.py measures it), so fp32 runs pay the master copy too; fp32 ZeRO-3 updates its weight
+partitions in place (unmask.engines.deepspeed.alias_zero3_fp32_masters) and has none.
 
 Activations (Korthikanti et al. 2022, Sec. 4, counted for unmask's block rather than GPT's): what autograd
 saves for backward per token, measured with saved-tensor hooks and checked in tests/distributed:
@@ -114,7 +115,7 @@ def estimate(cfg: Config, layout: Layout, seq_len: int | None = None, gpu: bool 
     N = L.dp
     params = P * w / (N if L.zero == 3 else 1)
     grads = P * w / (N if L.zero >= 2 else 1)
-    master = P * 4 / (N if L.zero >= 1 else 1) if bf16 or L.zero >= 1 else 0.0
+    master = P * 4 / (N if L.zero >= 1 else 1) if bf16 or L.zero in (1, 2) else 0.0
     optimizer = P * 8 / (N if L.zero >= 1 else 1)
 
     tokens = L.micro * s
