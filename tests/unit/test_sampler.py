@@ -143,20 +143,24 @@ def test_same_seed_same_output_other_seed_differs(tiny):
     assert not torch.equal(a[0], a[1])  # rows of a batch draw their own noise
 
 
+class Recording(torch.nn.Module):
+    """A time-conditioned model that records every (tokens, t) it is called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.calls = model, model.cfg, []
+
+    def forward(self, x, t=None):
+        self.calls.append((x.clone(), t.clone()))
+        return self.model(x, t)
+
+
 def test_time_conditioned_model_gets_decreasing_times():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(size="tiny", time_conditioning=True))
-    times = []
-
-    class Spy(torch.nn.Module):
-        cfg = model.cfg
-
-        def forward(self, x, t=None):
-            times.append(float(t[0]))
-            return model(x, t)
-
+    spy = Recording(build_model(ModelConfig(size="tiny", time_conditioning=True)))
     template, _ = prompt_template([[7, 8]], 16, SP)
-    out = sample(Spy(), template, SamplerConfig(steps=6, cache=False), SP)
+    out = sample(spy, template, SamplerConfig(steps=6, cache=False), SP)
+    times = [float(t[0]) for _, t in spy.calls]
     assert not (out.tokens == SP.mask).any()
     assert times == sorted(times, reverse=True) and times[0] == 1.0 and 0 < times[-1] < 1
 
@@ -166,19 +170,11 @@ def test_time_conditioned_model_reads_each_rows_share_of_masks_in_block_decoding
     # Training feeds the network t with mask probability = the share of the row's maskable tokens masked; block
     # decoding once passed each block's own schedule time (1.0 at the start of every block) whatever the row.
     torch.manual_seed(0)
-    model = build_model(ModelConfig(size="tiny", time_conditioning=True))
-    calls = []
-
-    class Spy(torch.nn.Module):
-        cfg = model.cfg
-
-        def forward(self, x, t=None):
-            calls.append((x.clone(), t.clone()))
-            return model(x, t)
-
+    spy = Recording(build_model(ModelConfig(size="tiny", time_conditioning=True)))
     template, prompt = prompt_template([[7, 8], [7, 8, 9, 10, 11]], 18, SP)  # 15 and 12 positions to generate
     config = SamplerConfig(kind="remask", steps=8, block_length=4, guidance=guidance, cache=False)
-    sample(Spy(), template, config, SP, prompt_mask=prompt)
+    sample(spy, template, config, SP, prompt_mask=prompt)
+    calls = spy.calls
     maskable = torch.cat([~prompt, torch.ones_like(prompt)]) if guidance else ~prompt  # unconditional: prompt masked
     for x, t in calls:
         share = (x == SP.mask).sum(1) / maskable.sum(1)
