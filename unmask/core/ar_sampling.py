@@ -20,9 +20,7 @@ def next_logits(model, x: torch.Tensor, i: int, kv: KVCache | None) -> torch.Ten
     """Logits [B, V] for position i from positions [0, i): one new position when the cache holds the rest."""
     if kv is None:
         return model(x[:, :i])[:, -1]
-    if kv.length == 0:  # prefill: the prompt in one forward
-        return model(x[:, :i], kv=kv.append())[:, -1]
-    return model(x[:, kv.length:i], kv=kv.append())[:, -1]
+    return model(x[:, kv.length:i], kv=kv.append())[:, -1]  # the first call fills the cache with the whole prompt
 
 
 @torch.no_grad()
