@@ -82,9 +82,12 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
-    """The training objective: masked diffusion (MDLM/MD4) or the autoregressive baseline."""
+    """The training objective: masked diffusion (MDLM/MD4), block diffusion (BD3-LM) or the autoregressive baseline."""
 
-    objective: Literal["mdlm", "ar"] = Field("mdlm", description="mdlm: masked diffusion; ar: causal LM")
+    objective: Literal["mdlm", "bd3lm", "ar"] = Field(
+        "mdlm", description="mdlm: masked diffusion; bd3lm: block diffusion (causal across blocks of block_size "
+        "tokens, masked diffusion inside each); ar: causal LM")
+    block_size: int = Field(16, ge=1, description="bd3lm: tokens per block (1: autoregressive; seq_len: one block)")
     schedule: str = Field("loglinear", description="noise schedule alpha(t): loglinear or cosine")
     eps: float = Field(1e-3, gt=0, lt=1, description="smallest time sampled, t in (eps, 1]")
     antithetic: bool = Field(True, description="low-discrepancy time sampling over the batch")
@@ -305,13 +308,32 @@ class Config(Section):
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.diffusion.objective == "bd3lm":
+            self._check_block_diffusion()
         return self
+
+    def _check_block_diffusion(self) -> None:
+        d, m = self.diffusion, self.model
+        if m.time_conditioning:
+            raise ValueError("diffusion.objective='bd3lm' gives each block its own time, which one time embedding "
+                             "cannot carry (BD3-LM trains without it): set model.time_conditioning=false")
+        if m.arch != "unmask":
+            raise ValueError(f"diffusion.objective='bd3lm' needs the unmask backbone's block attention; "
+                             f"model.arch={m.arch!r} has none: use arch='unmask' or objective='mdlm'")
+        if d.block_size > self.train.seq_len:
+            raise ValueError(f"diffusion.block_size={d.block_size} is longer than train.seq_len={self.train.seq_len}: "
+                             f"use at most {self.train.seq_len} (one block: masked diffusion)")
 
     @property
     def causal(self) -> bool:
         """Whether the network attends causally: the autoregressive baseline does, every diffusion objective is
         bidirectional."""
         return self.diffusion.objective == "ar"
+
+    @property
+    def block_size(self) -> int:
+        """The network's attention blocks: diffusion.block_size under block diffusion, 0 (none) otherwise."""
+        return self.diffusion.block_size if self.diffusion.objective == "bd3lm" else 0
 
     @property
     def tokenizer_path(self) -> Path:

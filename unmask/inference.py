@@ -39,7 +39,7 @@ class Loaded:
     model_cfg: ModelConfig
     special: SpecialTokens
     codec: Codec
-    objective: str  # "mdlm" or "ar"
+    objective: str  # "mdlm", "bd3lm" or "ar"
     schedule: str
     source: Path
     config: Config | None = None  # the run's config (checkpoints only)
@@ -88,8 +88,8 @@ def _load_export(path: Path, device) -> Loaded:
                               "folder or a training checkpoint (import BERT/RoBERTa with `unmask train --init-from`)")
     fields, state, special = read_folder(path)
     model_cfg = ModelConfig(**fields)
-    causal = bool(config.get("causal", False))
-    model = build_model(model_cfg, causal=causal, device=device)
+    causal, block_size = bool(config.get("causal", False)), int(config.get("block_size", 0))
+    model = build_model(model_cfg, causal=causal, device=device, block_size=block_size)
     load_into(model, state)  # state is read lazily, one tensor at a time
-    return Loaded(model.eval(), model_cfg, special, Codec(path), "ar" if causal else "mdlm",
+    return Loaded(model.eval(), model_cfg, special, Codec(path), "ar" if causal else "bd3lm" if block_size else "mdlm",
                   config.get("noise_schedule", "loglinear"), path)

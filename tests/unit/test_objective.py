@@ -244,7 +244,7 @@ def test_exact_count_masks_exactly_k_whatever_the_split():
     key = BatchKey(step=7, global_batch=8)
     c = obj.corrupt(x0, key, prompt)
     (xt, t), (_, masked, weight, n) = c.inputs, c.targets
-    k = torch.minimum(n, (obj.fractions(key, 8) * n).floor().long() + 1)
+    k = torch.minimum(n, (obj.fractions(key, 8)[:, 0] * n).floor().long() + 1)
     assert n.tolist() == [32, 32, 9, 0, 27, 27, 27, 27] and torch.equal(masked.sum(1), k)
     assert not masked[prompt | (x0 == PAD)].any() and (xt[masked] == MASK).all()
     assert torch.allclose(t, k / n.clamp_min(1)) and torch.allclose(weight[n > 0], (n / k)[n > 0].float())

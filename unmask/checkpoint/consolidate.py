@@ -242,6 +242,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     `weights` as in load_checkpoint_weights."""
     cfg, state = load_checkpoint_weights(path, weights=weights)
     tokenizer = find_tokenizer(cfg)
-    model = build_model(cfg.model, causal=cfg.causal, device=device)
+    model = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device=device)
     model.load_state_dict(state)
     return cfg, model.eval(), special_tokens(cfg), tokenizer

@@ -1,5 +1,6 @@
 """Keys and values kept between the forwards of a sampler: `KVCache` (what transformer.Transformer reads through its
-`kv` argument) and `BlockCache` (Fast-dLLM's approximate prefix/dual cache for block-wise diffusion decoding).
+`kv` argument), `BlockCache` (Fast-dLLM's approximate prefix/dual cache for block-wise diffusion decoding) and
+`FinishedBlocks` (block diffusion's exact cache of the decoded blocks, BD3-LM).
 
 Imports only torch (see unmask.core). Training never builds either: a forward without `kv` is the plain one.
 """
@@ -19,19 +20,27 @@ class KVCache:
       forward that fills the cache; exact for a causal model, whose earlier keys never change;
     - splices (`splice(start)`): it sees positions [start, start + n) of a sequence as long as the stored one and
       attends to the stored keys/values with its own fresh ones in their place; approximate for a bidirectional
-      model, since the stored ones predate the tokens committed since (Fast-dLLM)."""
+      model, since the stored ones predate the tokens committed since (Fast-dLLM);
+    - extends (`extend(keep)`): like append, but afterwards only positions [0, keep) stay stored; the rest of the
+      slice is seen once (block diffusion: the block being decoded attends the finished ones and itself)."""
 
     def __init__(self):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.mode, self.offset = "append", 0
+        self.mode, self.offset, self.keep = "append", 0, None
 
     @property
     def length(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
     def append(self) -> KVCache:
-        self.mode, self.offset = "append", self.length
+        self.mode, self.offset, self.keep = "append", self.length, None
+        return self
+
+    def extend(self, keep: int) -> KVCache:
+        if keep < self.length:
+            raise ValueError(f"KVCache.extend(keep={keep}) would drop stored positions (it holds {self.length})")
+        self.mode, self.offset, self.keep = "append", self.length, keep
         return self
 
     def splice(self, start: int) -> KVCache:
@@ -52,7 +61,10 @@ class KVCache:
             else:
                 self.keys[i] = torch.cat([self.keys[i], k], dim=2)
                 self.values[i] = torch.cat([self.values[i], v], dim=2)
-            return self.keys[i], self.values[i]
+            seen = self.keys[i], self.values[i]
+            if self.keep is not None:
+                self.keys[i], self.values[i] = seen[0][:, :, : self.keep], seen[1][:, :, : self.keep]
+            return seen
         # Written in place (Fast-dLLM's replace_position): the span is re-run on every splice, so its stored keys
         # are never read stale, and no copy of the whole cache is made per call.
         a, b = self.offset, self.offset + k.shape[2]
@@ -102,3 +114,31 @@ class BlockCache:
         start, stop = self.span
         self.since_full += 1
         return self.model(tokens[:, start:stop], *t, kv=self.kv.splice(start)), start
+
+
+class FinishedBlocks:
+    """The network for sampling a block-diffusion model (`block_size` b) block by block with an exact KV cache, as
+    BD3-LM samples: each call runs only the blocks that hold the current decoding block of some row, against the
+    stored keys/values of the blocks before them, which are final (a block attends only itself and earlier blocks,
+    so its keys stop changing once it is decoded). The first call of a decoding block also runs the blocks finished
+    since the last store and keeps their keys: no extra network call per block.
+
+    Gives the logits the uncached sampler gets from a full forward over the whole sequence, up to float rounding.
+    Called as model(tokens [B, L]) -> (logits [B, n, V] of positions [start, start + n), start)."""
+
+    def __init__(self, model, block_size: int):
+        self.model, self.block_size = model, block_size
+        self.span: tuple[int, int] | None = None
+        self.kv = KVCache()
+
+    def start_block(self, active: torch.Tensor) -> None:
+        """active [B, L] bool: the positions decoded next; the span is every model block that holds one."""
+        cols = active.any(0).nonzero()[:, 0]
+        b = self.block_size
+        self.span = (int(cols[0]) // b * b, min(active.shape[1], -(-(int(cols[-1]) + 1) // b) * b))
+
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        start, stop = self.span
+        stored = self.kv.length  # positions before `start` not stored yet are final: this call stores them
+        logits = self.model(tokens[:, stored:stop], kv=self.kv.extend(keep=start))
+        return logits[:, start - stored:], start

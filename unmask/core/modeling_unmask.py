@@ -31,8 +31,10 @@ class UnmaskPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        family = BertTransformer if config.arch == "bert" else Transformer
-        self.model = family(config, causal=config.causal)
+        if config.arch == "bert":
+            self.model = BertTransformer(config, causal=config.causal)
+        else:
+            self.model = Transformer(config, causal=config.causal, block_size=getattr(config, "block_size", 0))
         self.post_init()
 
     @torch.no_grad()
@@ -79,9 +81,9 @@ class UnmaskModel(UnmaskPreTrainedModel):
             for layer in m.layers:
                 h = layer(h)
             return BaseModelOutput(last_hidden_state=h)
-        cos, sin = m.rope(input_ids.shape[1], h.device)
+        cos, sin, mask = m.layout(input_ids.shape[1], h.device)
         for layer in m.layers:
-            h = layer(h, cos, sin, cond)
+            h = layer(h, cos, sin, cond, mask=mask)
         return BaseModelOutput(last_hidden_state=m.norm(h))
 
 

@@ -12,6 +12,9 @@ Samplers (each its own step object in sampling_steps.py):
 All decode block by block (`block_length`, semi-autoregressive, left to right), take classifier-free guidance,
 temperature / top-k / top-p with float64 Gumbel noise, stop at `<eos>`, and can run the network through
 Fast-dLLM's approximate KV cache (`kv_cache` "prefix" or "dual", kv_cache.py).
+A block-diffusion model (BD3-LM, `model.block_size` b) is decoded block by block along its own blocks of b positions
+(`block_length` None or b), by any of the three; `kv_cache="prefix"` keeps the decoded blocks' keys and values, which
+is exact for it (kv_cache.FinishedBlocks): the same tokens as the uncached run, each call over one block only.
 - `ar`: left-to-right decoding of a causal model (the AR baseline, ar_sampling.py), with an exact KV cache
   (`kv_cache="prefix"`) or a full forward per token ("none").
 
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .ar_sampling import generate_ar
-from .kv_cache import KV_CACHES, BlockCache
+from .kv_cache import KV_CACHES, BlockCache, FinishedBlocks
 from .sampling_steps import Ancestral, Denoiser, Remask, StepContext, Threshold, cut_at_eos, first_eos
 from .schedule import Schedule
 
@@ -83,14 +86,29 @@ class SamplerOptions:
         return asdict(self)
 
 
-def block_ids(generated: torch.Tensor, block_length: int | None) -> torch.Tensor:
-    """Block of each position [B, L]: blocks of `block_length` positions from each row's first mask; -1 fixed."""
+def block_ids(generated: torch.Tensor, block_length: int | None, aligned: bool = False) -> torch.Tensor:
+    """Block of each position [B, L]: blocks of `block_length` positions from each row's first mask (`aligned`: the
+    model's own blocks [0, b), [b, 2b), ..., counted from the one holding the row's first mask); -1 fixed."""
     if block_length is None:
         return torch.where(generated, 0, -1)
     L = generated.shape[1]
     first = generated.long().argmax(1, keepdim=True)  # [B, 1] first mask of each row
     pos = torch.arange(L, device=generated.device)[None]
+    if aligned:
+        return torch.where(generated, pos // block_length - first // block_length, -1)
     return torch.where(generated, (pos - first) // block_length, -1)
+
+
+def model_block_size(model) -> int:
+    """The block size of a block-diffusion model (BD3-LM); 0 for any other."""
+    return int(getattr(model, "block_size", 0) or 0)
+
+
+def decoding_blocks(generated: torch.Tensor, options: SamplerOptions, block_size: int) -> torch.Tensor:
+    """block_ids for this sampler and model: a block-diffusion model is decoded along its own blocks."""
+    if block_size:
+        return block_ids(generated, block_size, aligned=True)
+    return block_ids(generated, options.block_length)
 
 
 def split_steps(steps: int, blocks: int) -> list[int]:
@@ -129,12 +147,16 @@ def check_template(template: torch.Tensor, options: SamplerOptions, mask_id: int
     if options.kind == "ar" and masks[:, 0].any():
         raise ValueError("kind='ar' predicts each token from the ones before it: every template row needs a fixed "
                          "token (e.g. <bos>) before its first <mask>")
+
+
+def check_steps(template: torch.Tensor, options: SamplerOptions, mask_id: int, block_size: int) -> None:
     if options.kind in ("ancestral", "remask"):  # threshold and ar take as many steps as they need
-        split_steps(options.steps, int(block_ids(masks, options.block_length).max()) + 1)
+        split_steps(options.steps, int(decoding_blocks(template == mask_id, options, block_size).max()) + 1)
 
 
 def check_model(model, options: SamplerOptions) -> None:
-    """The sampler and the model agree: ar for a causal model only, a KV cache only where the model takes one."""
+    """The sampler and the model agree: ar for a causal model only, a KV cache only where the model takes one, a
+    block-diffusion model decoded along its own blocks."""
     causal = bool(getattr(model, "causal", False))
     if causal and options.kind != "ar":
         raise ValueError(f"kind={options.kind!r} is a masked-diffusion sampler but this model is causal (an "
@@ -142,6 +164,16 @@ def check_model(model, options: SamplerOptions) -> None:
     if options.kind == "ar" and not causal:
         raise ValueError("kind='ar' decodes left to right with a causal model, and this model attends both ways: "
                          "use a diffusion sampler (ancestral, remask, threshold)")
+    block_size = model_block_size(model)
+    if block_size and options.block_length not in (None, block_size):
+        raise ValueError(f"block_length={options.block_length}: this block-diffusion model was trained on blocks of "
+                         f"{block_size} and decodes along them: leave block_length out or set it to {block_size}")
+    if block_size and options.kv_cache == "dual":
+        raise ValueError("kv_cache='dual' caches positions after the current block, which a block-diffusion model "
+                         "never reads: use kv_cache='prefix' (exact for it) or 'none'")
+    if block_size and options.cache_refresh:
+        raise ValueError(f"cache_refresh={options.cache_refresh}: a block-diffusion model's KV cache is exact and "
+                         "never needs refreshing: set cache_refresh=0")
     if options.kv_cache != "none" and not getattr(model, "supports_kv_cache", False):
         raise ValueError(f"kv_cache={options.kv_cache!r} needs a model that takes cached keys/values (unmask's "
                          f"transformer); {type(model).__name__} does not: use kv_cache='none'")
@@ -171,13 +203,18 @@ def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: in
         prompt_mask = default_prompt_mask(template, mask_id, pad_id)
     check_template(template, o, mask_id, max_len, prompt_mask)
     check_model(model, o)
+    block_size = model_block_size(model)
+    check_steps(template, o, mask_id, block_size)
     if o.kind == "ar":
         return generate_ar(model, template, o, mask_id, eos_id, pad_id)
     generated = template == mask_id  # [B, L]
-    blocks = block_ids(generated, o.block_length)  # [B, L]
+    blocks = decoding_blocks(generated, o, block_size)  # [B, L]
     per_block = steps_per_block(o, blocks)
     generator = torch.Generator(device=template.device).manual_seed(o.seed)
-    block_cache = BlockCache(model, o.kv_cache, o.cache_refresh) if o.kv_cache != "none" else None
+    block_cache = None
+    if o.kv_cache != "none":
+        block_cache = FinishedBlocks(model, block_size) if block_size else BlockCache(model, o.kv_cache,
+                                                                                        o.cache_refresh)
     denoiser = Denoiser(model, mask_id, pad_id, schedule, time_conditioned, o.guidance, prompt_mask, generated, o.cache,
                         block_cache)
     ctx = StepContext(denoiser, schedule, mask_id, o.temperature, o.top_k, o.top_p, generator)

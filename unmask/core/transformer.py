@@ -5,7 +5,9 @@ Architecture choices:
 - rotary position embeddings on queries and keys;
 - SwiGLU feed-forward;
 - attention through `scaled_dot_product_attention`, non-causal by default; `causal=True` gives the
-  autoregressive baseline with the same weights layout;
+  autoregressive baseline with the same weights layout; `block_size=b` gives block diffusion (BD3-LM): attention
+  is bidirectional inside each block of b positions and causal across blocks, and `forward(x_t, clean=x_0)` runs
+  the paper's vectorised training pass over the noised and clean sequences side by side;
 - grouped-query attention when n_kv_heads < n_heads;
 - optional tied input/output embeddings;
 - optional adaLN-zero time conditioning (MDLM's DiT); off by default, as in LLaDA, since masked
@@ -69,8 +71,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
-        """kv: one layer's view of a kv_cache.KVCache, which stores or splices in this slice's keys/values."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """kv: one layer's view of a kv_cache.KVCache, which stores or splices in this slice's keys/values.
+        mask: [L, Lk] bool, True where a query may attend a key (block diffusion); None: the model's own rule."""
         B, L, _ = x.shape
         # Head counts come from the projection widths so a tensor-parallel shard works unchanged.
         q = self.wq(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
@@ -82,8 +86,10 @@ class Attention(nn.Module):
         if k.shape[1] != q.shape[1]:
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal_mask(L, k.shape[2], x.device),
-                                             is_causal=self.causal and L == k.shape[2])  # [B, Hq, L, D]
+        if mask is None:
+            mask = self.causal_mask(L, k.shape[2], x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             is_causal=self.causal and mask is None)  # [B, Hq, L, D]
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
     def causal_mask(self, lq: int, lk: int, device) -> torch.Tensor | None:
@@ -115,13 +121,13 @@ class Block(nn.Module):
         # adaLN-zero: shift/scale/gate for both sublayers from the time embedding.
         self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if cfg.time_conditioning else None
 
-    def forward(self, x, cos, sin, cond: torch.Tensor | None = None, kv=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cond: torch.Tensor | None = None, kv=None, mask=None) -> torch.Tensor:
         if self.adaln is None:
-            x = x + self.attention(self.attention_norm(x), cos, sin, kv)
+            x = x + self.attention(self.attention_norm(x), cos, sin, kv, mask)
             return x + self.feed_forward(self.ffn_norm(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)
         h = self.attention_norm(x) * (1 + scale1) + shift1
-        x = x + gate1 * self.attention(h, cos, sin, kv)
+        x = x + gate1 * self.attention(h, cos, sin, kv, mask)
         h = self.ffn_norm(x) * (1 + scale2) + shift2
         return x + gate2 * self.feed_forward(h)
 
@@ -141,12 +147,36 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
+def block_causal_mask(offset: int, length: int, block_size: int, device) -> torch.Tensor:
+    """Block diffusion over one sequence: queries at positions [offset, offset + length) attend every key in
+    [0, offset + length) whose block is not after theirs. [length, offset + length] bool."""
+    q_block = torch.arange(offset, offset + length, device=device) // block_size
+    k_block = torch.arange(offset + length, device=device) // block_size
+    return k_block[None] <= q_block[:, None]
+
+
+def vectorised_block_mask(length: int, block_size: int, device) -> torch.Tensor:
+    """BD3-LM's training mask over [x_t | x_0] (bd3lms `block_diff_mask`), [2 length, 2 length] bool: a noised block
+    attends itself (block-diagonal) and the clean blocks before it (offset block-causal); a clean block attends the
+    clean blocks up to its own (block-causal), so its keys are those the sampler caches once the block is decoded."""
+    block = (torch.arange(length, device=device) // block_size).repeat(2)  # [2L]
+    noised = torch.arange(2 * length, device=device) < length  # [2L]: the x_t half
+    bq, bk, nq, nk = block[:, None], block[None], noised[:, None], noised[None]
+    diagonal = (bq == bk) & (nq == nk)
+    offset_causal = (bq > bk) & nq & ~nk
+    causal = (bq >= bk) & ~nq & ~nk
+    return diagonal | offset_causal | causal
+
+
 class Transformer(nn.Module):
     supports_kv_cache = True  # the samplers' KV caches need the `kv` argument of forward
 
-    def __init__(self, cfg, causal: bool = False):
+    def __init__(self, cfg, causal: bool = False, block_size: int = 0):
+        """causal: the autoregressive baseline; block_size > 0: block diffusion (BD3-LM); neither: full attention."""
         super().__init__()
-        self.cfg, self.causal = cfg, causal
+        if causal and block_size:
+            raise ValueError("a model is either causal or block-causal (block diffusion), not both")
+        self.cfg, self.causal, self.block_size = cfg, causal, block_size
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.time_embedding = TimeEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
         self.layers = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
@@ -172,25 +202,40 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_seq_len {self.cfg.max_seq_len}")
         return rotary_tables(self.cfg.head_dim, length, self.cfg.rope_theta, device=device)
 
+    def layout(self, length: int, device, offset: int = 0, vectorised: bool = False):
+        """(cos, sin, attention mask or None) for hidden states of `length` positions starting at `offset`, or, when
+        `vectorised`, for block diffusion's [x_t | x_0] pair of length/2 positions each (both at positions 0..)."""
+        if vectorised:
+            cos, sin = self.rope(length // 2, device)
+            return cos.repeat(2, 1), sin.repeat(2, 1), vectorised_block_mask(length // 2, self.block_size, device)
+        cos, sin = self.rope(offset + length, device)
+        mask = block_causal_mask(offset, length, self.block_size, device) if self.block_size else None
+        return cos[offset:], sin[offset:], mask
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and vocabulary projection: [B, L, D] -> logits [B, L, V]."""
         return self.output(self.norm(h))
 
-    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, kv=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, kv=None,
+                clean: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V].
 
         kv (kv_cache.KVCache, samplers only): tokens are positions [kv.offset, kv.offset + L) of a longer sequence
-        whose other positions' keys/values the cache holds."""
-        h, cond = self.embed(tokens, t)
-        if kv is None:
-            cos, sin = self.rope(tokens.shape[1], h.device)
+        whose other positions' keys/values the cache holds.
+        clean (block diffusion's training pass): the clean tokens x_0 [B, L] of the noised `tokens`; the network
+        runs on both side by side and returns the logits of `tokens`."""
+        if clean is not None:
+            if not self.block_size:
+                raise ValueError("clean= is block diffusion's training pass: build the model with block_size > 0")
+            h, cond = self.embed(torch.cat([tokens, clean], dim=1), t)
+            cos, sin, mask = self.layout(h.shape[1], h.device, vectorised=True)
             for layer in self.layers:
-                h = layer(h, cos, sin, cond)
-            return self.head(h)
-        cos, sin = self.rope(kv.offset + tokens.shape[1], h.device)
-        cos, sin = cos[kv.offset:], sin[kv.offset:]
+                h = layer(h, cos, sin, cond, mask=mask)
+            return self.head(h[:, : tokens.shape[1]])
+        h, cond = self.embed(tokens, t)
+        cos, sin, mask = self.layout(tokens.shape[1], h.device, offset=0 if kv is None else kv.offset)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cond, kv.layer(i))
+            h = layer(h, cos, sin, cond, None if kv is None else kv.layer(i), mask)
         return self.head(h)
 
     @torch.no_grad()

@@ -3,8 +3,8 @@
 The network only maps tokens (and t) to logits; masking, time sampling, the SUBS parameterisation and
 loss weighting live here. An objective works in two phases so pipeline parallelism can run them on
 different stages: `corrupt(x0, key)` gives the network inputs and the targets, `loss_from_logits`
-scores the network's output. `MaskedDiffusion` is MDLM/MD4's ELBO (continuous-time or exact-count); `Autoregressive`
-(autoregressive.py) is the baseline beside it.
+scores the network's output. `MaskedDiffusion` is MDLM/MD4's ELBO (continuous-time or exact-count); `BlockDiffusion`
+(block.py) is BD3-LM's, one such ELBO per block; `Autoregressive` (autoregressive.py) is the baseline beside them.
 """
 
 from __future__ import annotations
@@ -83,7 +83,15 @@ class MaskedDiffusion:
 
     def loss(self, model, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> LossOutput:
         c = self.corrupt(x0, key, prompt_mask)
-        return self.loss_from_logits(model(*c.inputs), c.targets)
+        return self.loss_from_logits(self.network(model, c.inputs), c.targets)
+
+    def network(self, model, inputs: tuple) -> torch.Tensor:
+        """The network's logits for `Corrupted.inputs`."""
+        return model(*inputs)
+
+    def time_draws(self, length: int) -> int:
+        """Independent times (or counts) per sample of `length` tokens: one for the whole sequence."""
+        return 1
 
     def corrupt(self, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> Corrupted:
         """x0: [B, L] clean tokens; prompt_mask: [B, L] bool, True where tokens are never masked (SFT)."""
@@ -96,24 +104,30 @@ class MaskedDiffusion:
                 x0 = x0[:, :L]
                 prompt_mask = None if prompt_mask is None else prompt_mask[:, :L]
         u = per_sample_uniforms(self.seed, key, B, L).to(x0.device)  # [B, L] per-token mask draws
-        # 2. Stratified draws [B], antithetic over the global batch of the step: a time t or a count k.
+        # 2. Stratified draws [B, draws], antithetic over the global batch of the step: a time t or a count k.
+        frac = self.fractions(key, B, self.time_draws(L)).to(x0.device)
         if self.cfg.estimator == "exact_count":
-            return self._mask_count(x0, self.fractions(key, B).to(x0.device), u, prompt_mask)
+            return self._mask_count(x0, frac, u, prompt_mask)
         # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
-        return self._mask(x0, self.times(key, B).to(x0.device), u, prompt_mask)
+        return self._mask(x0, self.time_of(frac), u, prompt_mask)
 
-    def fractions(self, key: BatchKey, batch: int) -> torch.Tensor:
-        """Stratified U[0, 1) draws per sample [B] (float64), the same for a sample in any layout."""
+    def fractions(self, key: BatchKey, batch: int, draws: int = 1) -> torch.Tensor:
+        """Stratified U[0, 1) draws [B, draws] (float64), the same for a sample in any layout; a sample's `draws`
+        take consecutive strata (BD3-LM stratifies over samples and blocks)."""
         u = torch.rand((), generator=step_generator(self.seed, key.step, -1))
-        idx = key.indices(batch).double()
+        idx = key.indices(batch).double()[:, None] * draws + torch.arange(draws)  # [B, draws]
         if self.cfg.antithetic:  # offsets i/N cover (0, 1] evenly; one shared random shift per step
-            return (u + idx / key.global_batch) % 1
+            return (u + idx / (key.global_batch * draws)) % 1
         # Own stream: seeded like the mask draws, position 0's uniform would equal frac (masked iff t > 0.5).
-        return per_sample_uniforms(mix(self.seed, TIME_STREAM), key, batch, 1)[:, 0].double()
+        return per_sample_uniforms(mix(self.seed, TIME_STREAM), key, batch, draws).double()
+
+    def time_of(self, frac: torch.Tensor) -> torch.Tensor:
+        """Continuous times t in (eps, 1] of stratified draws, as float32."""
+        return (self.cfg.eps + (1 - self.cfg.eps) * (1 - frac)).float()  # 1 - frac in (0, 1]
 
     def times(self, key: BatchKey, batch: int) -> torch.Tensor:
         """Continuous times t: [B] in (eps, 1]."""
-        return (self.cfg.eps + (1 - self.cfg.eps) * (1 - self.fractions(key, batch))).float()  # 1 - frac in (0, 1]
+        return self.time_of(self.fractions(key, batch)[:, 0])
 
     def _maskable(self, x0, prompt_mask) -> torch.Tensor:
         maskable = x0 != self.pad_id  # [B, L]
@@ -122,20 +136,16 @@ class MaskedDiffusion:
         return maskable
 
     def _mask(self, x0, t, u, prompt_mask) -> Corrupted:
+        """t [B, 1]: each row's time."""
+        t = t[:, 0]
         maskable = self._maskable(x0, prompt_mask)
         masked = (u < self.schedule.mask_prob(t)[:, None]) & maskable  # [B, L]
         return self._corrupted(x0, masked, maskable, t, self.schedule.weight(t))
 
     def _mask_count(self, x0, frac, u, prompt_mask) -> Corrupted:
-        """Mask exactly k = floor(frac * n) + 1 of each row's n maskable tokens (uniform on 1..n): those whose
-        draw `u` ranks among the k smallest, so the masks depend only on the sample's own draws."""
+        """frac [B, 1]: each row's draw of its count."""
         maskable = self._maskable(x0, prompt_mask)
-        n = maskable.sum(1)  # [B]
-        k = torch.minimum(n, (frac * n).floor().long() + 1)  # [B]; 0 only where n = 0
-        rank = u.masked_fill(~maskable, 2.0).argsort(dim=1, stable=True).argsort(dim=1)  # [B, L], maskable ones first
-        masked = rank < k[:, None]  # [B, L]
-        share = k / n.clamp_min(1)  # [B] the fraction masked, which the network reads as its time
-        weight = (n / k.clamp_min(1)).float()  # [B] n/k: 1/k per masked token, times n (the any-order ELBO)
+        masked, share, weight = count_masks(maskable, frac[:, 0], u)
         return self._corrupted(x0, masked, maskable, self.schedule.time_at(share.float()), weight)
 
     def _corrupted(self, x0, masked, maskable, t, weight) -> Corrupted:
@@ -147,8 +157,8 @@ class MaskedDiffusion:
         x0, masked, weight, counts = targets
         # 4. Only masked positions carry loss (SUBS: visible tokens are copied, mask logit is -inf): [N].
         nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)
-        # 5. ELBO weight of each masked token's sample (w(t), or n/k): [N].
-        weighted = nll * weight[:, None].expand_as(x0)[masked]
+        # 5. ELBO weight of each masked token (w(t), or n/k, of its sample or block): [N].
+        weighted = nll * token_weights(weight, x0)[masked]
         # 6. Normalise per maskable (non-pad, non-prompt) token.
         num_tokens = int(counts.sum())
         loss = weighted.sum() / max(num_tokens, 1)
@@ -164,16 +174,16 @@ class MaskedDiffusion:
         offset and mask draws seeded by (seed, key.step, index)."""
         B, L = x0.shape
         key = BatchKey(step=key, global_batch=B) if isinstance(key, int) else key
-        # A random stratum offset per sample, seeded by (key, index) like its masks: deterministic, and unbiased
-        # over keys (a fixed offset per index would tie each sample's counts k to its position).
-        offset = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, B, 1)[:, 0].double()  # [B]
+        # A random stratum offset per sample (and block), seeded by (key, index) like its masks: deterministic, and
+        # unbiased over keys (a fixed offset per index would tie each sample's counts k to its position).
+        offset = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, B, self.time_draws(L)).double()  # [B, draws]
         draws = []
         for j in range(time_samples):
-            frac = ((j + offset) / time_samples).to(x0.device)  # [B] in [0, 1), one per stratum
+            frac = ((j + offset) / time_samples).to(x0.device)  # [B, draws] in [0, 1), one per stratum
             u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + j, key.micro, key.dp_rank,
                                                         key.dp_world, key.global_batch), B, L)
             c = self._mask_count(x0, frac, u.to(x0.device), None)
-            draws.append(self._per_sequence(model(*c.inputs), c.targets))
+            draws.append(self._per_sequence(self.network(model, c.inputs), c.targets))
         draws = torch.stack(draws)  # [time_samples, B]
         # The spread over draws, as if they were independent: stratification only lowers the true variance.
         mc_var = draws.var(0) / time_samples if time_samples > 1 else torch.full_like(draws[0], float("nan"))
@@ -184,7 +194,25 @@ class MaskedDiffusion:
         x0, masked, weight, _ = targets
         nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)  # [N]
         per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-        return per_seq.index_add_(0, masked.nonzero()[:, 0], (nll * weight[:, None].expand_as(x0)[masked]).double())
+        return per_seq.index_add_(0, masked.nonzero()[:, 0], (nll * token_weights(weight, x0)[masked]).double())
+
+
+def token_weights(weight: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Each token's ELBO weight [B, L] from a weight per sample [B] or per token [B, L] (block diffusion)."""
+    return weight if weight.dim() == 2 else weight[:, None].expand_as(x0)
+
+
+def count_masks(maskable: torch.Tensor, frac: torch.Tensor, u: torch.Tensor):
+    """Mask exactly k = floor(frac * n) + 1 of each row's n maskable tokens (uniform on 1..n): those whose draw `u`
+    ranks among the k smallest, so the masks depend only on the row's own draws. maskable, u [R, L]; frac [R].
+    Returns (masked [R, L], share k/n [R], weight n/k [R])."""
+    n = maskable.sum(1)  # [R]
+    k = torch.minimum(n, (frac * n).floor().long() + 1)  # [R]; 0 only where n = 0
+    rank = u.masked_fill(~maskable, 2.0).argsort(dim=1, stable=True).argsort(dim=1)  # [R, L], maskable ones first
+    masked = rank < k[:, None]  # [R, L]
+    share = k / n.clamp_min(1)  # [R] the fraction masked, which the network reads as its time
+    weight = (n / k.clamp_min(1)).float()  # [R] n/k: 1/k per masked token, times n (the any-order ELBO)
+    return masked, share, weight
 
 
 def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
@@ -195,4 +223,8 @@ def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int =
         from unmask.diffusion.autoregressive import Autoregressive
 
         return Autoregressive(pad_id, nll=nll)
+    if cfg.objective == "bd3lm":
+        from unmask.diffusion.block import BlockDiffusion
+
+        return BlockDiffusion(cfg, mask_id, pad_id, seed, nll=nll)
     return MaskedDiffusion(cfg, mask_id, pad_id, seed, time_conditioned, nll=nll)

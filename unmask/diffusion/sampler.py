@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.core.sampling import SamplerOptions, check_model, check_template, default_prompt_mask, generate
+from unmask.core.sampling import (
+    SamplerOptions,
+    check_model,
+    check_steps,
+    check_template,
+    default_prompt_mask,
+    generate,
+    model_block_size,
+)
 from unmask.core.schedule import Schedule, get_schedule
 from unmask.data.special import SpecialTokens
 from unmask.errors import UnmaskError
@@ -86,6 +94,7 @@ def sample(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTo
     try:  # generate checks too; checked here first so a bad template or model is a SamplingError
         check_template(template, cfg, special.mask, max_len, prompt_mask)
         check_model(model, cfg)
+        check_steps(template, cfg, special.mask, model_block_size(model))
     except ValueError as e:
         raise SamplingError(str(e)) from None
     start = time.perf_counter()

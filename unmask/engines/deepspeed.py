@@ -145,7 +145,7 @@ def build_zero3_model(cfg: Config, ds_config: dict, device: torch.device, init_s
     from unmask.parallel.mpu import MegatronMPU
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(), remote_device=None):
-        model = Transformer(cfg.model, causal=cfg.causal)
+        model = Transformer(cfg.model, causal=cfg.causal, block_size=cfg.block_size)
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             fill_parameter(name, p.data, model.init_parameter, cfg.train.seed, init_state)

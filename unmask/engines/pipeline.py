@@ -8,6 +8,10 @@ tuple when the model is time-conditioned. Noise is a function of BatchKey, so ev
 `objective.corrupt` itself: the first stage takes the network inputs, the last stage the targets, and the
 objective's `loss_from_logits` is the pipeline loss.
 
+Under block diffusion the stages run its vectorised training pass (`Transformer.forward(x_t, clean=x_0)`): the first
+stage takes (x_t, x_0), the hidden state of both side by side [B, 2L, D] travels, every block reads the model's
+vectorised layout, and the head keeps the x_t half. Stages only ever train and evaluate, never sample.
+
 The layers keep the attribute names of `Transformer`, so the checkpoint's per-layer keys are the model's
 (layer 0: `tok_embeddings.*` / `time_embedding.*`, blocks: `block.*`, last: `norm.*`, `output.*`), which is what
 checkpoint readers map back to plain keys.
@@ -48,32 +52,40 @@ class _EmbedLayer(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.tok_embeddings, self.time_embedding = model.tok_embeddings, model.time_embedding
+        self.block_size = model.block_size
 
     def forward(self, inputs):
+        if self.block_size:  # block diffusion: (x_t, x_0) side by side, no time input
+            return Transformer.embed(self, torch.cat(inputs, dim=1))[0]
         tokens, t = _split(inputs)
         return _join(*Transformer.embed(self, tokens, t))  # the model's method on the same attribute names
 
 
 class _BlockLayer(nn.Module):
-    """A block with the rotary tables of its input's length, so any stage can run it."""
+    """A block with the rotary tables (and attention mask) of its input's length, so any stage can run it."""
+
+    rope, layout = Transformer.rope, Transformer.layout  # the model's own, on the same attribute names
 
     def __init__(self, block: nn.Module, model: Transformer):
         super().__init__()
-        self.block, self.cfg = block, model.cfg
+        self.block, self.cfg, self.block_size = block, model.cfg, model.block_size
 
     def forward(self, x):
         h, cond = _split(x)
-        cos, sin = Transformer.rope(self, h.shape[1], h.device)
-        return _join(self.block(h, cos, sin, cond), cond)
+        cos, sin, mask = self.layout(h.shape[1], h.device, vectorised=bool(self.block_size))
+        return _join(self.block(h, cos, sin, cond, mask=mask), cond)
 
 
 class _HeadLayer(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
-        self.norm, self.output = model.norm, model.output
+        self.norm, self.output, self.block_size = model.norm, model.output, model.block_size
 
     def forward(self, x) -> torch.Tensor:
-        return Transformer.head(self, _split(x)[0])
+        h = _split(x)[0]
+        if self.block_size:  # block diffusion: the logits of the x_t half
+            h = h[:, : h.shape[1] // 2]
+        return Transformer.head(self, h)
 
 
 def _plain_names(model: Transformer) -> list:
@@ -151,7 +163,7 @@ class PipelineEngine(DeepSpeedCheckpointing):
         if model is None:
             from unmask.model.build import build_model
 
-            meta = build_model(cfg.model, causal=cfg.causal, device="meta")
+            meta = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device="meta")
             specs = layer_specs(meta, cfg, dims, device or torch.device("cpu"), init_state)
             module = build_pipeline_module(meta, objective, dims, specs)
             module.tp_applied = True  # each layer was built at shard size
@@ -189,7 +201,8 @@ class PipelineEngine(DeepSpeedCheckpointing):
         sees logits, so its terms are broadcast to the other stages of its pipeline."""
         from megatron.core import parallel_state as ps
 
-        def network(*inputs):
+        def network(*inputs, clean=None):
+            inputs = inputs if clean is None else (*inputs, clean)  # block diffusion: (x_t, x_0), as in training
             dummy = torch.zeros(1, device=self.device)
             # eval_batch adds the logits to the last training loss it still holds (DeepSpeed 0.19): clear it.
             self.ds.total_loss = None

@@ -28,7 +28,8 @@ def likelihood(loaded, shards: str, *, batches: int = 16, batch_size: int = 8, t
     if diffusion is None:
         from unmask.config import DiffusionConfig
 
-        diffusion = DiffusionConfig(objective=loaded.objective, schedule=loaded.schedule)
+        blocks = {"block_size": loaded.model.block_size} if loaded.objective == "bd3lm" else {}  # an export's
+        diffusion = DiffusionConfig(objective=loaded.objective, schedule=loaded.schedule, **blocks)
     objective = build_objective(diffusion, loaded.special.mask, loaded.special.pad, 0,
                                 loaded.model_cfg.time_conditioning)
     held = list(itertools.islice(iter(loader), batches))

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if shards:
         results["likelihood"] = likelihood(loaded, shards, batches=args.batches, batch_size=args.batch_size,
                                            time_samples=args.time_samples)
-    if loaded.objective == "mdlm":
+    if loaded.objective != "ar":
         reference = load_reference(args.reference, device) if args.reference else None
         knobs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                  "block_length": args.block_length, "threshold": args.threshold, "kv_cache": args.kv_cache,

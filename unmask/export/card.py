@@ -53,7 +53,9 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights:
             "pre-norm RMSNorm blocks, rotary positions, SwiGLU, no biases"
             + (", grouped-query attention" if m.kv_heads != m.n_heads else "")
             + (", adaLN time conditioning" if m.time_conditioning else ""))
-    kind = "masked-diffusion (MDLM ELBO)" if objective == "mdlm" else "autoregressive baseline (causal attention)"
+    kind = {"mdlm": "masked-diffusion (MDLM ELBO)",
+            "bd3lm": f"block-diffusion (BD3-LM, blocks of {cfg.diffusion.block_size})"}.get(
+        objective, "autoregressive baseline (causal attention)")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: fill-mask",
         "tags: [unmask, masked-diffusion, diffusion-language-model]", "---", "",

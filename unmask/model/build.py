@@ -26,16 +26,19 @@ from unmask.core.transformer import Transformer
 InitRule = Callable[[str, torch.Tensor, torch.Generator], None]
 
 
-def build_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+def build_model(cfg: ModelConfig, causal: bool = False, device: str | torch.device = "cpu",
+                block_size: int = 0) -> nn.Module:
     """Build on the meta device (no memory touched), materialise on `device`, then `init_weights()`.
 
     arch "unmask" gives a `Transformer`, arch "bert" (an imported BERT/RoBERTa) a `BertTransformer`. The caller
     seeds torch beforehand; parallel wrappers may be applied between the meta build and materialisation by
     building with `device="meta"` and calling `materialize` (or `to_empty` + `init_weights`) themselves.
     """
-    family = BertTransformer if cfg.arch == "bert" else Transformer
     with torch.device("meta"):
-        model = family(cfg, causal=causal)
+        if cfg.arch == "bert":
+            model = BertTransformer(cfg, causal=causal)
+        else:  # block_size > 0: block diffusion's block-causal attention (Transformer)
+            model = Transformer(cfg, causal=causal, block_size=block_size)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
