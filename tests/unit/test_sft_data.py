@@ -120,14 +120,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def prepare_chat(tiny_shards, tmp_path, *extra: str) -> Path:
+def chat_args(tiny_shards, src: Path, out: Path) -> list[str]:
+    return ["prepare-data", str(src), "--out", str(out), "--format", "chat", "--seq-len", "128", "--tokenizer",
+            str(tiny_shards / "tokenizer.model"), "--val-fraction", "0.3", "--workers", "1", "--shard-size-mb",
+            "0.004", "--no-progress"]
+
+
+def prepare_chat(tiny_shards, tmp_path) -> Path:
     src = write_jsonl(tmp_path / "chats.jsonl", CONVERSATIONS)
-    out = tmp_path / "sft"
-    rc = main(["prepare-data", str(src), "--out", str(out), "--format", "chat", "--seq-len", "128",
-               "--tokenizer", str(tiny_shards / "tokenizer.model"), "--val-fraction", "0.3", "--workers", "1",
-               "--shard-size-mb", "0.004", "--no-progress", *extra])
-    assert rc == 0
-    return out
+    assert main(chat_args(tiny_shards, src, tmp_path / "sft")) == 0
+    return tmp_path / "sft"
 
 
 def expected_samples(tiny_shards) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -241,3 +243,13 @@ def test_a_mixture_of_sft_and_pretraining_splits_is_refused(tiny_shards, tmp_pat
 def test_conversation_is_frozen_role_content_pairs():
     conv = parse_conversation(CONVERSATIONS[0], "x:1")
     assert conv == Conversation("x:1", (("user", "What is the capital of France?"), ("assistant", "Paris.")))
+
+
+def test_rerun_is_a_no_op_and_another_overflow_mode_is_refused(tiny_shards, tmp_path, capsys):
+    out = prepare_chat(tiny_shards, tmp_path)
+    capsys.readouterr()
+    args = chat_args(tiny_shards, tmp_path / "chats.jsonl", out)
+    assert main(args) == 0
+    assert "already complete with these settings" in capsys.readouterr().out
+    assert main([*args, "--sft-overflow", "truncate"]) == 2
+    assert "sft_overflow: 'refuse' then, 'truncate' now" in capsys.readouterr().err

@@ -153,15 +153,15 @@ def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
         st = f.stat()
         inputs.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     tok = sha256_file(opts.tokenizer) if opts.tokenizer else None
-    # chat-only keys appear only for chat runs, so a text run's recorded settings are what they always were
-    chat = dict(input_format="chat", sft_overflow=opts.sft_overflow,
-                chat_template=DEFAULT_TEMPLATE.to_dict()) if opts.format == "chat" else {}
-    return dict(**chat,
+    settings = dict(
         inputs=inputs, vocab_size=None if tok else opts.vocab_size, seq_len=opts.seq_len,
         tokenizer_type=None if tok else opts.tokenizer_type, tokenizer_sha256=tok, jsonl_field=opts.jsonl_field,
         val_fraction=opts.val_fraction, shard_size_mb=opts.shard_size_mb, cross_document=opts.cross_document,
         seed=opts.seed, max_sentences=None if tok else opts.max_sentences, format=FORMAT,
     )
+    if opts.format == "chat":  # chat-only keys, so a text run's recorded settings are what they always were
+        settings.update(input_format="chat", sft_overflow=opts.sft_overflow, chat_template=DEFAULT_TEMPLATE.to_dict())
+    return settings
 
 
 def _documents(opts: PrepareOptions, files: list[Path]) -> Iterator[str]:
