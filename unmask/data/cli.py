@@ -2,6 +2,7 @@
 
 Writes OUT/tokenizer.model, OUT/tokenizer.json (Hugging Face), OUT/train/ and OUT/val/ (tar shards +
 manifest.json). Point the training config's data.train_dir / data.val_dir at OUT/train and OUT/val.
+With --format chat the shards are SFT shards (unmask/data/sft.py): one conversation per sample, with its prompt mask.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="sentencepiece model type (default %(default)s; bpe trains ~10x faster)")
     a("--tokenizer", type=Path, default=None, help="reuse this sentencepiece .model instead of training one")
     a("--jsonl-field", default=d.jsonl_field, help="JSON Lines field holding the text (default %(default)s)")
+    a("--format", choices=("text", "chat"), default=d.format,
+      help="text: documents for pretraining (default); chat: JSON Lines of conversations ({\"prompt\", "
+           "\"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]}) -> SFT shards, one conversation "
+           "per sample with its prompt mask, rendered with the default chat template")
+    a("--sft-overflow", choices=("refuse", "truncate"), default=d.sft_overflow,
+      help="--format chat: a conversation longer than --seq-len stops the run naming its line (refuse, the "
+           "default) or has its response cut to fit (truncate); the prompt is never cut")
     a("--val-fraction", type=float, default=d.val_fraction,
       help="fraction of documents (by content hash) held out for validation (default %(default)s)")
     a("--shard-size-mb", type=float, default=d.shard_size_mb, help="target tar shard size (default %(default)s)")

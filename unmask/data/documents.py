@@ -63,12 +63,12 @@ def iter_documents(paths: list[Path], jsonl_field: str = "text") -> Iterator[str
         if path.suffix.lower() in JSONL_SUFFIXES:
             yield from _jsonl_documents(path, jsonl_field)
         else:
-            text = _read_text(path)
+            text = read_text(path)
             if text:
                 yield text
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as stored
             return f.read()
@@ -79,7 +79,7 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -22,6 +22,10 @@ its samples is used (reader.py). on_corrupt="error" stops with a DataError namin
 the shard in `.skipped_shards` and draws the next samples instead (a resume after a skip may then repeat samples).
 
 loop=False (validation, evaluation): one pass partitioned by global position, the same in every layout (passes.py).
+
+SFT splits (manifest `sft` set, prepare-data --format chat): each batch is the tuple (tokens [B, L] int64, prompt_mask
+[B, L] bool), True on <bos> and the prompt, False on the response and its <eos> padding. Order, state and resume are
+the same as for tokens alone; a mixture may not combine SFT and pretraining splits.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class CorruptShardWarning(UserWarning):
 
 
 class ShardLoader:
-    """Batches `torch.LongTensor [batch_size, seq_len]` of one data-parallel rank (see module docstring).
+    """Batches `torch.LongTensor [batch_size, seq_len]` of one data-parallel rank, or for an SFT split the
+    tuple (tokens, prompt_mask bool [batch_size, seq_len]) (see module docstring).
 
     `split_dir` is a directory or URL; `sources` [(location, weight), ...] replaces it with a weighted mixture."""
 
@@ -117,7 +122,7 @@ class ShardLoader:
     def epoch(self) -> int:
         return self.position // self.num_samples
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         if not self.loop:
             yield from self._single_pass()
             return
@@ -150,7 +155,7 @@ class ShardLoader:
                 self._skipped[name] = reason
                 warnings.warn(f"skipping {reason}", CorruptShardWarning, stacklevel=3)
 
-    def _single_pass(self) -> Iterator[torch.Tensor]:
+    def _single_pass(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         m, n_all = self.manifest, self.manifest.num_samples
         start, self._resume = (self._resume or 0), None
         order = _Order([s.samples for s in m.shards], self.seed, self.shuffle, self.mix_shards)

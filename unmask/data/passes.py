@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from unmask.data.reader import Corrupt, join, parse_samples, verified_shard
+from unmask.data.reader import Corrupt, Sample, collate, join, parse_samples, verified_shard
 from unmask.data.shards import Manifest, ShardInfo
 
 
@@ -90,7 +90,7 @@ class _Worker:
     def __init__(self, s: _RankStream, w: int, k: int):
         self.s, self.w, self.k = s, w, k
         self.group: _Group | None = None
-        self.cache: dict[int, np.ndarray] = {}
+        self.cache: dict[int, Sample] = {}
         self.skipped: dict[str, str] = {}  # shard name -> reason
         self.reported: set[str] = set()
 
@@ -110,8 +110,8 @@ class _Worker:
             yield from range(max(base, lo), min(base + s.b, hi, s.end if s.end is not None else math.inf))
             k += self.k
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, tuple[str, ...], str]]:
-        buf: list[np.ndarray] = []
+    def batches(self) -> Iterator[tuple]:
+        buf: list[Sample] = []
         try:
             for q in self.positions():
                 sample = self.sample(q)
@@ -125,12 +125,13 @@ class _Worker:
         except Corrupt as e:  # passed as data: a worker's exception would reach the user wrapped in a traceback
             yield torch.empty(0, dtype=torch.long), (), str(e)
 
-    def emit(self, buf: list[np.ndarray]) -> tuple[torch.Tensor, tuple[str, ...], str]:
+    def emit(self, buf: list[Sample]) -> tuple:
+        """(tokens [B, L] or, for an SFT split, (tokens, prompt mask), newly skipped shards, error message)"""
         new = tuple(f"{n}\t{r}" for n, r in self.skipped.items() if n not in self.reported)
         self.reported.update(self.skipped)
-        return torch.from_numpy(np.stack(buf).astype(np.int64)), new, ""
+        return collate(buf), new, ""
 
-    def sample(self, q: int) -> np.ndarray | None:
+    def sample(self, q: int) -> Sample | None:
         g = self.group
         if g is None or not g.start <= q < g.start + g.size:
             self.load(self.s.order.group_of(q), q)
@@ -147,7 +148,7 @@ class _Worker:
             for i, arr in self.read(shard, wanted):
                 self.cache[wanted[i]] = arr
 
-    def read(self, shard: ShardInfo, wanted: dict[int, int]) -> Iterator[tuple[int, np.ndarray]]:
+    def read(self, shard: ShardInfo, wanted: dict[int, int]) -> Iterator[tuple[int, Sample]]:
         where = join(self.s.m.path, shard.name)
         try:
             data = verified_shard(where, shard.bytes, shard.sha256, self.s.retries)
@@ -156,6 +157,7 @@ class _Worker:
                 raise
             self.skipped[shard.name] = str(e)
             return
-        for i, arr in enumerate(parse_samples(where, data, shard.samples, self.s.m.seq_len)):
+        m = self.s.m
+        for i, arr in enumerate(parse_samples(where, data, shard.samples, m.seq_len, sft=m.sft is not None)):
             if i in wanted:
                 yield i, arr

@@ -6,6 +6,9 @@ Stages:
 2. tokenizer: train one (or copy `--tokenizer`) to OUT/tokenizer.model and export OUT/tokenizer.json;
 3. tokenize in a process pool (ordered, with bounded read-ahead), pack and write OUT/train and OUT/val.
 
+`format="chat"` reads JSON Lines of conversations instead (chat.py) and writes SFT shards, one conversation per
+sample with its prompt mask (sft.py); a document is then a conversation as its chat template renders it.
+
 Re-running: OUT/.prepare-data.json records the settings (inputs with sizes and mtimes, every option
 that changes the output). Same settings and both manifests present: nothing to do. Same settings but
 incomplete (interrupted): leftovers are removed and the shards rewritten; a tokenizer that had been
@@ -32,7 +35,9 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from unmask.data import documents as docs_mod
+from unmask.data.chat import DEFAULT_TEMPLATE
 from unmask.data.fsutil import PARTIAL, atomic_write_text, sha256_file
+from unmask.data.sft import OVERFLOW, conversation_texts, write_sft_splits
 from unmask.data.shards import FORMAT, MANIFEST, Manifest, Packer, SplitWriter, read_manifest, token_dtype
 from unmask.data.tokenizer import Tokenizer, export_hf_tokenizer, sample_lines, train_tokenizer
 from unmask.errors import DataError
@@ -51,6 +56,8 @@ class PrepareOptions:
     tokenizer_type: str = "bpe"
     tokenizer: Path | None = None  # reuse this sentencepiece model instead of training one
     jsonl_field: str = "text"
+    format: str = "text"  # "chat": JSON Lines of conversations -> SFT shards (sft.py)
+    sft_overflow: str = "refuse"  # chat: a conversation longer than seq_len is refused, or its response cut
     val_fraction: float = 0.01
     shard_size_mb: float = 32.0
     cross_document: bool = True
@@ -85,7 +92,7 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
     # 1. scan
     train_tok = opts.tokenizer is None and not (out / "tokenizer.model").is_file()
     scan = _Scan(opts.val_fraction)
-    train_docs = scan.run(docs_mod.iter_documents(files, opts.jsonl_field))
+    train_docs = scan.run(_documents(opts, files))
     lines = sample_lines(train_docs, opts.max_sentences, opts.seed) if train_tok else None
     for _ in train_docs:  # drain when no tokenizer is trained
         pass
@@ -112,7 +119,12 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
 
     # 3. tokenize, pack, write
     t0 = time.perf_counter()
-    manifests = _write_splits(opts, files, tok, scan)
+    if opts.format == "chat":
+        manifests = write_sft_splits(out, files, tok, scan.is_val, seq_len=opts.seq_len, overflow=opts.sft_overflow,
+                                     shard_bytes=int(opts.shard_size_mb * 1e6), total_bytes=scan.total_bytes,
+                                     progress=opts.progress)
+    else:
+        manifests = _write_splits(opts, files, tok, scan)
     return PrepareResult(out, manifests["train"], manifests["val"], text_bytes=scan.total_bytes,
                          tokenize_seconds=time.perf_counter() - t0, tokenizer_seconds=tokenizer_seconds)
 
@@ -126,6 +138,8 @@ def _validate(opts: PrepareOptions) -> None:
         (opts.max_sentences >= 1, f"--max-sentences {opts.max_sentences} must be at least 1"),
         (opts.tokenizer_type in ("bpe", "unigram"), f"--tokenizer-type {opts.tokenizer_type!r}: use bpe or unigram"),
         (opts.tokenizer is None or Path(opts.tokenizer).is_file(), f"--tokenizer {opts.tokenizer} does not exist"),
+        (opts.format in ("text", "chat"), f"--format {opts.format!r}: use text or chat"),
+        (opts.sft_overflow in OVERFLOW, f"--sft-overflow {opts.sft_overflow!r}: use {' or '.join(OVERFLOW)}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -139,12 +153,21 @@ def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
         st = f.stat()
         inputs.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     tok = sha256_file(opts.tokenizer) if opts.tokenizer else None
-    return dict(
+    settings = dict(
         inputs=inputs, vocab_size=None if tok else opts.vocab_size, seq_len=opts.seq_len,
         tokenizer_type=None if tok else opts.tokenizer_type, tokenizer_sha256=tok, jsonl_field=opts.jsonl_field,
         val_fraction=opts.val_fraction, shard_size_mb=opts.shard_size_mb, cross_document=opts.cross_document,
         seed=opts.seed, max_sentences=None if tok else opts.max_sentences, format=FORMAT,
     )
+    if opts.format == "chat":  # chat-only keys, so a text run's recorded settings are what they always were
+        settings.update(input_format="chat", sft_overflow=opts.sft_overflow, chat_template=DEFAULT_TEMPLATE.to_dict())
+    return settings
+
+
+def _documents(opts: PrepareOptions, files: list[Path]) -> Iterator[str]:
+    if opts.format == "chat":
+        return conversation_texts(files)
+    return docs_mod.iter_documents(files, opts.jsonl_field)
 
 
 def _claim(out: Path, settings: dict) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from unmask.errors import DataError
 
@@ -100,8 +101,24 @@ def verified_shard(where: str, size: int, sha256: str, retries: int) -> bytes:
     return b"".join(parts)
 
 
-def parse_samples(where: str, data: bytes, expected: int, seq_len: int) -> list[np.ndarray]:
-    """Every sample of a verified shard, in write order."""
+# A sample as the reader hands it on: its tokens, or for an SFT split (tokens, prompt mask as bool)
+Sample = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+def tokens_of(sample: Sample) -> np.ndarray:
+    return sample[0] if isinstance(sample, tuple) else sample
+
+
+def collate(samples: list[Sample]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A batch: tokens [B, L] int64, with the prompt mask [B, L] bool beside them for SFT samples."""
+    if isinstance(samples[0], tuple):
+        return (torch.from_numpy(np.stack([t for t, _ in samples]).astype(np.int64)),
+                torch.from_numpy(np.stack([m for _, m in samples])))
+    return torch.from_numpy(np.stack(samples).astype(np.int64))
+
+
+def parse_samples(where: str, data: bytes, expected: int, seq_len: int, sft: bool = False) -> list[Sample]:
+    """Every sample of a verified shard, in write order; with `sft`, each with its prompt mask."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     out = []
@@ -110,6 +127,11 @@ def parse_samples(where: str, data: bytes, expected: int, seq_len: int) -> list[
             arr = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
             if arr.shape != (seq_len,):
                 raise ValueError(f"sample {sample['__key__']} has shape {arr.shape}")
+            if sft:
+                mask = np.load(io.BytesIO(sample["prompt_mask.npy"]), allow_pickle=False)
+                if mask.shape != (seq_len,):
+                    raise ValueError(f"sample {sample['__key__']} has a prompt mask of shape {mask.shape}")
+                arr = (arr, mask.astype(bool))
             out.append(arr)
     except Exception as e:  # the hash matched, so the manifest itself describes a broken shard
         raise Corrupt(f"shard {where} cannot be parsed ({e}); re-run `unmask prepare-data`") from None

@@ -2,7 +2,8 @@
 
 Format of a split directory (`OUT/train`, `OUT/val`):
 - `shard-000000.tar`, ...: webdataset tars; sample `k` (numbered across the split, in write order) is
-  the member `{k:010d}.tokens.npy`, a 1-D array of `seq_len` token ids in the manifest's dtype.
+  the member `{k:010d}.tokens.npy`, a 1-D array of `seq_len` token ids in the manifest's dtype. An SFT split
+  (manifest `sft` set, see sft.py) also has `{k:010d}.prompt_mask.npy`: `seq_len` uint8, 1 on prompt tokens.
 - `manifest.json`: written last. Its presence is what makes the split whole; shards are first written
   as `*.tar.partial` and renamed when complete, so an interrupted run leaves nothing a reader accepts.
 
@@ -85,12 +86,17 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     format: str = FORMAT
     row_prefix: str = ROW_PREFIX  # the token every sample starts with
+    # SFT splits only: {"chat_template": {...}, "overflow": ..., "response_padding": "eos"}. Absent from a
+    # pretraining manifest, whose JSON thus stays as it was.
+    sft: dict | None = None
     path: Path | str | None = field(default=None, compare=False)  # the split directory (or URL) it was read from
 
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("path")
         d.pop("special")
+        if self.sft is None:
+            d.pop("sft")
         d["special_tokens"] = self.special.to_dict()
         return json.dumps(d, indent=1) + "\n"
 
@@ -179,11 +185,12 @@ class SplitWriter:
     """Writes one split's samples into tar shards of about `shard_bytes`, then its manifest."""
 
     def __init__(self, split_dir: Path, *, split: str, seq_len: int, vocab_size: int, special: SpecialTokens,
-                 tokenizer_sha256: str, cross_document: bool, shard_bytes: int):
+                 tokenizer_sha256: str, cross_document: bool, shard_bytes: int, sft: dict | None = None):
         self.dir = Path(split_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = dict(split=split, seq_len=seq_len, vocab_size=vocab_size, special=special,
-                         tokenizer_sha256=tokenizer_sha256, cross_document=cross_document)
+                         tokenizer_sha256=tokenizer_sha256, cross_document=cross_document, sft=sft)
+        self.mask_header = npy_header(np.dtype(np.uint8), seq_len) if sft is not None else None
         self.dtype = token_dtype(vocab_size)
         self.shard_bytes = shard_bytes
         self.pad = special.pad
@@ -192,15 +199,20 @@ class SplitWriter:
         self.num_samples = self.num_tokens = self.num_documents = 0
         self._tar = self._file = None
 
-    def write(self, sample: np.ndarray) -> None:
-        data = self.header + sample.astype(self.dtype, copy=False).tobytes()
-        entry = TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK
+    def write(self, sample: np.ndarray, prompt_mask: np.ndarray | None = None) -> None:
+        """One sample; an SFT split's samples come with their prompt mask (bool [seq_len]), others without."""
+        if (prompt_mask is None) != (self.mask_header is None):
+            raise ValueError(f"{self.dir}: a prompt mask goes with every sample of an SFT split and no other")
+        entries = {"tokens.npy": self.header + sample.astype(self.dtype, copy=False).tobytes()}
+        if prompt_mask is not None:
+            entries["prompt_mask.npy"] = self.mask_header + prompt_mask.astype(np.uint8).tobytes()
+        entry = sum(TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK for data in entries.values())
         # a shard never exceeds the target unless one sample alone does
         if self._tar is not None and tar_size(self._size + entry) > self.shard_bytes:
             self._close_shard()
         if self._tar is None:
             self._open_shard()
-        self._tar.write({"__key__": sample_key(self.num_samples), "tokens.npy": data})
+        self._tar.write({"__key__": sample_key(self.num_samples), **entries})
         n_tokens = int(np.count_nonzero(sample != self.pad))
         self._size += entry
         self._samples += 1

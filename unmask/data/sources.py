@@ -39,6 +39,11 @@ def load_sources(spec: list[tuple[str, float]], *, seq_len: int, model_vocab_siz
     if not spec or any(w <= 0 for _, w in spec):
         raise DataError(f"data sources {spec}: give at least one, each with a weight > 0")
     sources = [Source(str(loc), float(w), read_manifest(loc, retries)) for loc, w in spec]
+    kinds = {src.manifest.sft is not None for src in sources}
+    if len(kinds) > 1:
+        sft = [s.location for s in sources if s.manifest.sft is not None]
+        raise DataError(f"data sources mix SFT splits ({', '.join(sft)}) with pretraining ones; their batches differ "
+                        "(SFT ones carry a prompt mask): mix only splits of one kind")
     tok = str(tokenizer_path) if tokenizer_path else join(parent(sources[0].location), "tokenizer.model")
     if not is_url(tok) and not Path(tok).is_file():
         raise DataError(f"{tok} does not exist; the shards in {sources[0].location} need the tokenizer "

@@ -10,7 +10,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from unmask.data.blend import Blend
 from unmask.data.plan import Plan, ShardSequence
-from unmask.data.reader import Corrupt, join, parse_samples, verified_shard
+from unmask.data.reader import Corrupt, Sample, collate, join, parse_samples, tokens_of, verified_shard
 
 
 def slot_counts(blend: Blend, *, base: int, batches: int, rank: int, world: int, worker: int, workers: int,
@@ -28,7 +28,8 @@ def slot_counts(blend: Blend, *, base: int, batches: int, rank: int, world: int,
 
 
 class SlotStream(IterableDataset):
-    """Yields (tokens [B, L], newly skipped shards, shard reads, tokens per source, error message)."""
+    """Yields (batch, newly skipped shards, shard reads, tokens per source, error message); the batch is
+    tokens [B, L], or (tokens, prompt mask) for SFT sources (reader.collate)."""
 
     def __init__(self, sources, seqs: list[ShardSequence], plans: list[Plan], blend: Blend, *, rank: int,
                  world: int, workers: int, batch: int, base: int, start: int, on_corrupt: str, retries: int):
@@ -64,20 +65,20 @@ class _Slot:
                 for src in s.blend.sources(g):
                     arr = next(streams[src])
                     rows.append(arr)
-                    tokens[src] += int(np.count_nonzero(arr != s.sources[src].manifest.special.pad))
+                    tokens[src] += int(np.count_nonzero(tokens_of(arr) != s.sources[src].manifest.special.pad))
                 new = tuple(f"{n}\t{r}" for n, r in self.skipped.items() if n not in self.reported)
                 self.reported.update(self.skipped)
                 reads, self.reads = tuple(self.reads), []
-                yield torch.from_numpy(np.stack(rows).astype(np.int64)), new, reads, tuple(tokens.tolist()), ""
+                yield collate(rows), new, reads, tuple(tokens.tolist()), ""
                 k += s.workers
         except Corrupt as e:  # passed as data: a worker's exception would reach the user wrapped in a traceback
             yield torch.empty(0, dtype=torch.long), (), (), (), str(e)
 
-    def samples(self, src: int, start: int) -> Iterator[np.ndarray]:
+    def samples(self, src: int, start: int) -> Iterator[Sample]:
         """Source `src`'s samples for this slot from its stream index `start` on, reading each shard once."""
         plan, seq, m = self.s.plans[src], self.s.seqs[src], self.s.sources[src].manifest
         for seg in plan.segments(self.slot, start):
-            cache: dict[int, list[np.ndarray] | None] = {}
+            cache: dict[int, list[Sample] | None] = {}
             for t in range(max(start - seg.start, 0), len(seg.places)):
                 place = int(seg.places[t])
                 if place not in cache:
@@ -85,13 +86,13 @@ class _Slot:
                 if cache[place] is not None:
                     yield cache[place][int(seg.index[t])]
 
-    def read(self, src: int, epoch: int, shard) -> list[np.ndarray] | None:
+    def read(self, src: int, epoch: int, shard) -> list[Sample] | None:
         m = self.s.sources[src].manifest
         where = join(m.path, shard.name)
         self.reads.append((src, epoch, shard.name, shard.bytes))
         try:
             data = verified_shard(where, shard.bytes, shard.sha256, self.s.retries)
-            return parse_samples(where, data, shard.samples, m.seq_len)
+            return parse_samples(where, data, shard.samples, m.seq_len, sft=m.sft is not None)
         except Corrupt as e:
             if self.s.on_corrupt == "error":
                 raise
