@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threshold sampler: commit every mask whose confidence reaches it (at least one a step)")
     p.add_argument("--kv-cache", default=None, choices=["none", "prefix", "dual"],
                    help="diffusion: Fast-dLLM's approximate KV cache (prefix: the positions before the block; dual: "
-                   "before and after); ar: prefix is exact. Default: prefix for an AR run, else none")
+                   "before and after); ar and block diffusion (bd3lm): prefix is exact. Default: prefix for an AR "
+                   "run, else none")
     p.add_argument("--cache-refresh", type=int, default=0,
                    help="diffusion KV cache: recompute it every N network calls too (0: only at block starts)")
     p.add_argument("--no-cache", action="store_true", help="call the network even when no token changed")
