@@ -88,6 +88,16 @@ class DiffusionConfig(Section):
         "mdlm", description="mdlm: masked diffusion; bd3lm: block diffusion (causal across blocks of block_size "
         "tokens, masked diffusion inside each); ar: causal LM")
     block_size: int = Field(16, ge=1, description="bd3lm: tokens per block (1: autoregressive; seq_len: one block)")
+    clip: tuple[float, float] | None = Field(
+        None, description="BD3-LM's clipped schedule [lo, hi]: training times (mask rates under loglinear; the "
+        "exact-count share) drawn from [lo, hi] instead of (eps, 1]; a biased, lower-variance training loss. "
+        "Validation stays the unclipped bound")
+
+    @model_validator(mode="after")
+    def _check_clip(self) -> DiffusionConfig:
+        if self.clip is not None and not 0 <= self.clip[0] < self.clip[1] <= 1:
+            raise ValueError(f"diffusion.clip={list(self.clip)}: need 0 <= lo < hi <= 1, e.g. [0.3, 0.8]")
+        return self
     schedule: str = Field("loglinear", description="noise schedule alpha(t): loglinear or cosine")
     eps: float = Field(1e-3, gt=0, lt=1, description="smallest time sampled, t in (eps, 1]")
     antithetic: bool = Field(True, description="low-discrepancy time sampling over the batch")

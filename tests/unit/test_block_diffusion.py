@@ -215,3 +215,21 @@ def test_generation_stops_at_eos_with_nothing_after(block_model, kv_cache):
     # Decoding ends with the block that holds <eos> (block 2 of 6): later blocks never reach the network.
     assert result.nfe < full.nfe
     assert kv_cache == "none" or max(spy.lengths) <= 12
+
+
+@pytest.mark.parametrize("estimator", ["continuous", "exact_count"])
+def test_clipped_schedule_trains_inside_its_range_and_validates_unclipped(estimator):
+    obj, x0 = block_objective(4, estimator=estimator, clip=(0.3, 0.8)), clean(B=16)
+    _, masked, weight, _ = obj.corrupt(x0, BatchKey(step=3, global_batch=16)).targets
+    share = masked.view(16, 4, 4).float().mean(-1)
+    if estimator == "continuous":  # loglinear: t is the mask rate, w(t) = 1/t
+        block_t = 1 / weight.view(16, 4, 4)[..., 0]
+        assert block_t.min() >= 0.3 and block_t.max() <= 0.8
+    else:  # k = floor(share * 4) + 1 of 4
+        assert share.min() >= 0.25 and share.max() <= 1.0 and (share * 4).min() >= 2
+    unclipped = block_objective(4, estimator=estimator)
+    model = tiny(block_size=4)
+    key = BatchKey(step=0, global_batch=16)
+    assert obj.eval_terms(model, x0, 2, key).nll.tolist() == unclipped.eval_terms(model, x0, 2, key).nll.tolist()
+    with pytest.raises(ValueError, match=r"diffusion.clip=\[0.8, 0.3\]"):
+        DiffusionConfig(clip=(0.8, 0.3))

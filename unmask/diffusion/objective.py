@@ -107,9 +107,11 @@ class MaskedDiffusion:
         # 2. Stratified draws [B, draws], antithetic over the global batch of the step: a time t or a count k.
         frac = self.fractions(key, B, self.time_draws(L)).to(x0.device)
         if self.cfg.estimator == "exact_count":
+            if self.cfg.clip is not None:  # BD3-LM's clipped schedule: masked shares in [lo, hi)
+                frac = self.cfg.clip[0] + (self.cfg.clip[1] - self.cfg.clip[0]) * frac
             return self._mask_count(x0, frac, u, prompt_mask)
         # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
-        return self._mask(x0, self.time_of(frac), u, prompt_mask)
+        return self._mask(x0, self.time_of(frac, self.cfg.clip), u, prompt_mask)
 
     def fractions(self, key: BatchKey, batch: int, draws: int = 1) -> torch.Tensor:
         """Stratified U[0, 1) draws [B, draws] (float64), the same for a sample in any layout; a sample's `draws`
@@ -121,9 +123,10 @@ class MaskedDiffusion:
         # Own stream: seeded like the mask draws, position 0's uniform would equal frac (masked iff t > 0.5).
         return per_sample_uniforms(mix(self.seed, TIME_STREAM), key, batch, draws).double()
 
-    def time_of(self, frac: torch.Tensor) -> torch.Tensor:
-        """Continuous times t in (eps, 1] of stratified draws, as float32."""
-        return (self.cfg.eps + (1 - self.cfg.eps) * (1 - frac)).float()  # 1 - frac in (0, 1]
+    def time_of(self, frac: torch.Tensor, clip: tuple[float, float] | None = None) -> torch.Tensor:
+        """Continuous times t in (eps, 1] (or (lo, hi] when clipped) of stratified draws, as float32."""
+        lo, hi = clip or (self.cfg.eps, 1.0)
+        return (lo + (hi - lo) * (1 - frac)).float()  # 1 - frac in (0, 1]
 
     def times(self, key: BatchKey, batch: int) -> torch.Tensor:
         """Continuous times t: [B] in (eps, 1]."""
