@@ -105,11 +105,14 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-mdm-vs-ar")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-only", action="store_true", help="train the missing runs, measure nothing")
     args = p.parse_args()
     from unmask.eval.api import load_reference, samples_at
     from unmask.inference import load
 
     train_missing(args.work, prepare(args.work))
+    if args.train_only:
+        return
     torch.set_num_threads(args.threads)
     judge = load_reference("smollm2")
     loaded = {name: load(path, "cpu") for name, path in runs(args.work).items()}
