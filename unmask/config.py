@@ -108,7 +108,22 @@ class DiffusionConfig(Section):
     random_length_prob: float = Field(
         0.0, ge=0, le=1, description="fraction of batches cropped to a random length (LLaDA uses 0.01)"
     )
-    prompt_conditioned: bool = Field(False, description="never mask prompt tokens (SFT); needs prompt masks")
+    prompt_conditioned: bool = Field(
+        False, description="instruction tuning (SFT) on a split of `prepare-data --format chat`: prompt tokens are "
+        "never masked and carry no loss, and each sample's loss is divided by its answer length, then averaged "
+        "over samples (LLaDA's SFT loss); required by SFT splits and refused on pretraining ones")
+    sft_eos_padding: Literal["all", "first", "none"] = Field(
+        "all", description="SFT: which <eos> of a response (the one ending the answer, then the padding to seq_len) "
+        "carry loss and count in the answer length. all: every one (LLaDA; the model learns where answers end and "
+        "that nothing follows); first: only the one ending the answer; none: no <eos> (answers never learn to "
+        "end). Every response <eos> is masked in all three, so the network never sees the answer's length")
+
+    @model_validator(mode="after")
+    def _check_sft(self) -> DiffusionConfig:
+        if self.prompt_conditioned and self.objective != "mdlm":
+            raise ValueError(f"diffusion.prompt_conditioned (SFT) is implemented for objective = \"mdlm\" (LLaDA's "
+                             f"SFT), not {self.objective!r}; set diffusion.objective = \"mdlm\"")
+        return self
 
 
 class SourceConfig(Section):

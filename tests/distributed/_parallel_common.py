@@ -34,15 +34,29 @@ def global_batch(cfg: Config, step: int, dp: int) -> torch.Tensor:
     return torch.randint(5, cfg.model.vocab_size, (n, cfg.train.seq_len), generator=g)
 
 
-def rank_batches(cfg: Config, step: int, dp: int, dp_rank: int) -> tuple[list[torch.Tensor], list[BatchKey]]:
+def sft_samples(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFT samples made of random tokens (for runs with diffusion.prompt_conditioned): `<bos> prompt answer <eos> ...`
+    with prompt and answer lengths varying per sample, and the prompt mask (True on <bos> and the prompt)."""
+    n, L = x.shape
+    g = torch.Generator().manual_seed(seed)
+    prompt_len = torch.randint(2, L // 2, (n, 1), generator=g)  # with <bos>
+    answer_end = prompt_len + torch.randint(1, L // 3, (n, 1), generator=g)
+    pos = torch.arange(L)[None]
+    tokens = torch.where(pos >= answer_end, SPECIAL.eos, torch.where(pos == 0, SPECIAL.bos, x))
+    return tokens, pos < prompt_len
+
+
+def rank_batches(cfg: Config, step: int, dp: int, dp_rank: int) -> tuple[list, list[BatchKey]]:
     """This dp rank's micro-batches of a step: sample k of micro m is global sample (m * dp + dp_rank) * mb + k,
-    the loader's layout, so BatchKey noise lines up with any other layout of the same global batch."""
+    the loader's layout, so BatchKey noise lines up with any other layout of the same global batch. With
+    diffusion.prompt_conditioned a micro-batch is an SFT split's (tokens, prompt_mask)."""
     mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     x = global_batch(cfg, step, dp)
+    sft = sft_samples(x, step) if cfg.diffusion.prompt_conditioned else None
     micro, keys = [], []
     for m in range(accum):
         idx = (m * dp + dp_rank) * mb + torch.arange(mb)
-        micro.append(x[idx])
+        micro.append(x[idx] if sft is None else (sft[0][idx], sft[1][idx]))
         keys.append(BatchKey(step, m, dp_rank, dp, mb * accum * dp))
     return micro, keys
 
@@ -85,10 +99,12 @@ def train(cfg: Config, steps: int, eval_split: int | None = None, ema_dir=None) 
 def evaluate(engine, cfg: Config, dims, eval_split: int | None) -> list[float]:
     split = eval_split or dims.dp
     x0 = torch.randint(5, cfg.model.vocab_size, (8, cfg.train.seq_len), generator=torch.Generator().manual_seed(7))
+    prompt = sft_samples(x0, 7) if cfg.diffusion.prompt_conditioned else None
     ranks = [dims.dp_rank] if split == dims.dp else range(split)
     terms = [0.0, 0.0]
     for r in ranks:  # held-out rows strided like the loader
-        per_seq, counts, _ = engine.eval_terms(x0[r::split], 2, 123)
+        batch = x0[r::split] if prompt is None else (prompt[0][r::split], prompt[1][r::split])
+        per_seq, counts, _ = engine.eval_terms(batch, 2, 123)
         terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
     return engine.all_reduce_dp(terms)
 

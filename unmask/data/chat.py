@@ -115,6 +115,19 @@ def parse_conversation(obj: object, where: str) -> Conversation:
     return Conversation(where, tuple(out))
 
 
+def parse_chat_prompt(obj: object, where: str) -> tuple[Conversation, str | None]:
+    """A conversation to answer (`unmask sample --chat-file`): the formats above, with the answer left out (a
+    `{"prompt"}` line, or `"messages"` ending with the user's turn) or given (it is then the reference, not part
+    of the prompt). Returns the conversation with a placeholder answer for `render`, and the reference."""
+    if isinstance(obj, dict) and "prompt" in obj and "response" not in obj:
+        return parse_conversation({**obj, "response": "-"}, where), None
+    msgs = obj.get("messages") if isinstance(obj, dict) else None
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != "assistant":
+        return parse_conversation({**obj, "messages": [*msgs, {"role": "assistant", "content": "-"}]}, where), None
+    conv = parse_conversation(obj, where)
+    return conv, conv.messages[-1][1]
+
+
 def _text(obj: dict, key: str, where: str, field: str = "") -> str:
     name = f"{field}.{key}" if field else key
     value = obj.get(key)

@@ -2,7 +2,9 @@
 
 Prompts come from --prompt (repeatable) or --prompts-file (one per line). A prompt with `<mask>` or
 `<mask:N>` spans is an infilling template (each span becomes --span masks, or N); any other prompt is
-continued with masks up to --length. No prompt: --num-samples unconditional samples.
+continued with masks up to --length. No prompt: --num-samples unconditional samples. --chat / --chat-file ask an
+instruction-tuned model: the run's chat template around the question, the answer cut at its first <eos>
+(unmask.diffusion.chat).
 
 An autoregressive run (diffusion.objective = "ar") is decoded left to right (sampler `ar`, with its exact KV cache
 unless --kv-cache none), so diffusion and AR generation speed are read off the same rows (nfe, tokens_per_second).
@@ -25,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a training checkpoint's raw weights, not its EMA of them (kept when train.ema_decay > 0)")
     p.add_argument("--prompt", action="append", default=[], help="prompt or infilling template (repeatable)")
     p.add_argument("--prompts-file", help="one prompt or template per line")
+    p.add_argument("--chat", action="append", default=[],
+                   help="a question for an SFT model, rendered with the run's chat template; prints the answer, cut "
+                   "at its first <eos> (repeatable)")
+    p.add_argument("--chat-file", help="JSON Lines of conversations to answer, in prepare-data --format chat's "
+                   'formats: {"prompt"} or "messages" ending with the user\'s turn (a given answer is kept as '
+                   '"reference")')
     p.add_argument("--num-samples", type=int, default=4, help="unconditional samples when no prompt is given")
     p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
     p.add_argument("--span", type=int, default=8, help="masks per bare <mask> span in a template")
@@ -76,9 +84,25 @@ def run(args: argparse.Namespace) -> int:
                         cache_refresh=args.cache_refresh)
     length = args.length or loaded.model_cfg.max_seq_len
     special, codec = loaded.special, loaded.codec
+    chats = None
+    if args.chat or args.chat_file:
+        from unmask.diffusion import chat
+
+        if prompts:
+            raise SamplingError("--chat/--chat-file and --prompt/--prompts-file are two kinds of rows: give one")
+        chat_template, source = chat.run_template(loaded)
+        chat.note(f"chat prompts rendered with {source}")
+        chats = chat.read_chats(args.chat, args.chat_file, chat_template)
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - closed below when a file
     try:
-        rows = prompts or [None] * args.num_samples
+        for start in range(0, len(chats or []), args.batch_size):
+            batch = chats[start:start + args.batch_size]
+            with torch.no_grad():  # a distinct seed per batch, as below
+                rows = chat.answer(loaded.model, batch, replace(cfg, seed=cfg.seed + start), special, codec, length,
+                                   loaded.schedule, device)
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+            out.flush()
+        rows = [] if chats else prompts or [None] * args.num_samples
         for start, chunk in batches(rows, args.batch_size):
             kind = row_kind(chunk[0])
             if kind == "unconditional":  # all masks after <bos>

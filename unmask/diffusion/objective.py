@@ -5,6 +5,8 @@ loss weighting live here. An objective works in two phases so pipeline paralleli
 different stages: `corrupt(x0, key)` gives the network inputs and the targets, `loss_from_logits`
 scores the network's output. `MaskedDiffusion` is MDLM/MD4's ELBO (continuous-time or exact-count); `BlockDiffusion`
 (block.py) is BD3-LM's, one such ELBO per block; `Autoregressive` (autoregressive.py) is the baseline beside them.
+With `diffusion.prompt_conditioned` and a prompt mask (SFT), `MaskedDiffusion` is LLaDA's SFT loss: only the
+response is masked and scored, and each sample is normalised by its answer length, then averaged over samples.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ class MaskedDiffusion:
     1..n, weight n/k; the same ELBO with less variance, as the number masked no longer fluctuates given t."""
 
     def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
-                 time_conditioned: bool = False, nll: NLL = dense_nll):
+                 time_conditioned: bool = False, nll: NLL = dense_nll, eos_id: int | None = None):
         self.cfg, self.mask_id, self.pad_id, self.seed = cfg, mask_id, pad_id, seed
+        self.eos_id = eos_id  # SFT: finds the response's <eos> padding (diffusion.sft_eos_padding)
         self.schedule = get_schedule(cfg.schedule)
         self.time_conditioned = time_conditioned
         self.nll = nll
@@ -109,9 +112,9 @@ class MaskedDiffusion:
         if self.cfg.estimator == "exact_count":
             if self.cfg.clip is not None:  # BD3-LM's clipped schedule: masked shares in [lo, hi)
                 frac = self.cfg.clip[0] + (self.cfg.clip[1] - self.cfg.clip[0]) * frac
-            return self._mask_count(x0, frac, u, prompt_mask)
+            return self._scored(self._mask_count(x0, frac, u, prompt_mask), prompt_mask)
         # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
-        return self._mask(x0, self.time_of(frac, self.cfg.clip), u, prompt_mask)
+        return self._scored(self._mask(x0, self.time_of(frac, self.cfg.clip), u, prompt_mask), prompt_mask)
 
     def fractions(self, key: BatchKey, batch: int, draws: int = 1) -> torch.Tensor:
         """Stratified U[0, 1) draws [B, draws] (float64), the same for a sample in any layout; a sample's `draws`
@@ -138,6 +141,32 @@ class MaskedDiffusion:
             maskable &= ~prompt_mask
         return maskable
 
+    def _sft(self, prompt_mask) -> bool:
+        return prompt_mask is not None and self.cfg.prompt_conditioned
+
+    def _scored(self, c: Corrupted, prompt_mask) -> Corrupted:
+        """SFT: keep in the targets only the response tokens that `diffusion.sft_eos_padding` counts. The masking
+        (the network's input) is left alone: uncounted <eos> padding is still masked, carrying no loss, so the
+        network never reads the answer's length off visible <eos>."""
+        if not self._sft(prompt_mask) or self.cfg.sft_eos_padding == "all":
+            return c  # every maskable (response) token counts: the targets are already right
+        x0, masked, weight, _ = c.targets
+        counted = self._counted(x0, prompt_mask)
+        return Corrupted(c.inputs, (x0, masked & counted, weight, counted.sum(1)))
+
+    def _counted(self, x0, prompt_mask) -> torch.Tensor:
+        """[B, L] response tokens that count under `sft_eos_padding` ("first" or "none"). The padding is every
+        response token after the first <eos> (sft.py pads with <eos> only)."""
+        if self.eos_id is None:
+            raise ValueError(f"diffusion.sft_eos_padding = {self.cfg.sft_eos_padding!r} needs the <eos> id: build "
+                             "the objective with eos_id (build_objective(..., eos_id=special.eos))")
+        response = self._maskable(x0, prompt_mask)
+        eos = (x0 == self.eos_id) & response
+        seen = eos.long().cumsum(1)  # [B, L] response <eos> up to and including each position
+        if self.cfg.sft_eos_padding == "first":
+            return response & (seen - eos.long() == 0)  # up to and including the first <eos>
+        return response & (seen == 0)  # "none": the answer's text only
+
     def _mask(self, x0, t, u, prompt_mask) -> Corrupted:
         """t [B, 1]: each row's time."""
         t = t[:, 0]
@@ -162,19 +191,28 @@ class MaskedDiffusion:
         nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)
         # 5. ELBO weight of each masked token (w(t), or n/k, of its sample or block): [N].
         weighted = nll * token_weights(weight, x0)[masked]
-        # 6. Normalise per maskable (non-pad, non-prompt) token.
         num_tokens = int(counts.sum())
-        loss = weighted.sum() / max(num_tokens, 1)
+        if self.cfg.prompt_conditioned:
+            # 6. SFT, LLaDA's normalisation (GUIDELINES.md): each sample's sum divided by its answer length (the
+            # counted response tokens, <eos> padding per sft_eos_padding), then the mean over samples. Short and
+            # long answers weigh the same, whatever the batch holds; the mean over samples is layout-independent.
+            per_token_len = counts[:, None].expand_as(x0)[masked].clamp_min(1)  # [N]
+            loss = (weighted / per_token_len).sum() / x0.shape[0]
+        else:
+            # 6. Normalise per maskable (non-pad) token of the batch.
+            loss = weighted.sum() / max(num_tokens, 1)
         return LossOutput(loss, num_tokens, {"mask_rate": float(masked.sum()) / max(num_tokens, 1)})
 
     @torch.no_grad()
-    def eval_terms(self, model, x0: torch.Tensor, time_samples: int, key: BatchKey | int) -> EvalTerms:
+    def eval_terms(self, model, x0: torch.Tensor, time_samples: int, key: BatchKey | int,
+                   prompt_mask: torch.Tensor | None = None) -> EvalTerms:
         """Deterministic NELBO estimate, the same for a sample whatever the batch split or data-parallel layout.
 
         Always the exact-count estimator (the lower-variance one), whatever the training estimator. `key` places
         the batch in the evaluated set (an int n means BatchKey(step=n): rows are samples 0..B-1). Each sample
         (by its global index in `key`) gets `time_samples` draws with k stratified over them, and a stratum
-        offset and mask draws seeded by (seed, key.step, index)."""
+        offset and mask draws seeded by (seed, key.step, index). With a prompt mask (SFT, prompt_conditioned) only the
+        response is masked and scored: the NELBO of the answer given the prompt, over its counted tokens."""
         B, L = x0.shape
         key = BatchKey(step=key, global_batch=B) if isinstance(key, int) else key
         # A random stratum offset per sample (and block), seeded by (key, index) like its masks: deterministic, and
@@ -185,7 +223,7 @@ class MaskedDiffusion:
             frac = ((j + offset) / time_samples).to(x0.device)  # [B, draws] in [0, 1), one per stratum
             u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + j, key.micro, key.dp_rank,
                                                         key.dp_world, key.global_batch), B, L)
-            c = self._mask_count(x0, frac, u.to(x0.device), None)
+            c = self._scored(self._mask_count(x0, frac, u.to(x0.device), prompt_mask), prompt_mask)
             draws.append(self._per_sequence(self.network(model, c.inputs), c.targets))
         draws = torch.stack(draws)  # [time_samples, B]
         # The spread over draws, as if they were independent: stratification only lowers the true variance.
@@ -219,8 +257,9 @@ def count_masks(maskable: torch.Tensor, frac: torch.Tensor, u: torch.Tensor):
 
 
 def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
-                    time_conditioned: bool = False, nll: NLL | None = None):
-    """`nll`: the per-token loss on the network's logits; None is the dense one (vocab-parallel under TP)."""
+                    time_conditioned: bool = False, nll: NLL | None = None, eos_id: int | None = None):
+    """`nll`: the per-token loss on the network's logits; None is the dense one (vocab-parallel under TP).
+    `eos_id`: the <eos> id, which SFT's sft_eos_padding "first" and "none" need."""
     nll = nll or dense_nll
     if cfg.objective == "ar":
         from unmask.diffusion.autoregressive import Autoregressive
@@ -230,4 +269,4 @@ def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int =
         from unmask.diffusion.block import BlockDiffusion
 
         return BlockDiffusion(cfg, mask_id, pad_id, seed, nll=nll)
-    return MaskedDiffusion(cfg, mask_id, pad_id, seed, time_conditioned, nll=nll)
+    return MaskedDiffusion(cfg, mask_id, pad_id, seed, time_conditioned, nll=nll, eos_id=eos_id)

@@ -14,6 +14,18 @@ from torch import nn
 from unmask.diffusion.noise import BatchKey
 from unmask.diffusion.objective import EvalTerms
 
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # tokens [B, L], or (tokens, prompt_mask [B, L]) (SFT)
+
+
+def unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """A micro-batch as (tokens on `device`, the objective's extra keyword arguments): {"prompt_mask": ...} for an
+    SFT split's (tokens, prompt_mask), nothing for a pretraining tensor, so those calls stay exactly as they were
+    (and objectives that take no prompt mask, distillation's or the autoregressive one, never see one)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device), {}
+    tokens, prompt_mask = batch
+    return tokens.to(device), {"prompt_mask": prompt_mask.to(device)}
+
 
 @dataclass
 class StepStats:
@@ -52,13 +64,14 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def train_step(self, micro_batches: list[torch.Tensor], keys: list[BatchKey]) -> StepStats:
-        """One optimizer step over this rank's micro-batches (gradient accumulation, clipping, skip if non-finite)."""
+    def train_step(self, micro_batches: list[Batch], keys: list[BatchKey]) -> StepStats:
+        """One optimizer step over this rank's micro-batches (gradient accumulation, clipping, skip if non-finite);
+        an SFT micro-batch is (tokens, prompt_mask), handed to the objective (`unpack`)."""
 
-    def eval_terms(self, x0: torch.Tensor, time_samples: int,
+    def eval_terms(self, x0: Batch, time_samples: int,
                    key: BatchKey | int) -> EvalTerms:
         """The objective's EvalTerms (nll summed per sequence [B], tokens [B], Monte-Carlo variance [B]) without
-        gradients."""
+        gradients; on an SFT batch, of the response given the prompt."""
 
     def save(self, directory: str, tag: str) -> None:
         """Write this rank's engine state (model, optimizer, LR schedule) under directory/tag."""

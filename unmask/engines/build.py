@@ -87,7 +87,7 @@ def build_components(cfg: Config, dims: ParallelDims, device: torch.device, spec
 
         nll = vocab_parallel_nll
     objective = build_objective(cfg.diffusion, special.mask, special.pad, cfg.train.seed,
-                                cfg.model.time_conditioning, nll=nll)
+                                cfg.model.time_conditioning, nll=nll, eos_id=special.eos)
     model = None
     if wrap_objective is not None:
         model = whole_model(cfg, device, init_state)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from unmask.config import Config
-from unmask.engines.base import LocalWeights, StepStats
+from unmask.engines.base import LocalWeights, StepStats, unpack
 from unmask.engines.optim import build_optimizer, build_scheduler
 from unmask.parallel import collective
 from unmask.parallel.dims import ParallelDims
@@ -279,8 +279,9 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
         self.ds.train()
         lr = self.scheduler.get_last_lr()[0]
         total = 0.0
-        for x0, key in zip(micro_batches, keys, strict=True):
-            out = self.objective.loss(self.ds, x0.to(self.device), key)
+        for batch, key in zip(micro_batches, keys, strict=True):
+            x0, extra = unpack(batch, self.device)
+            out = self.objective.loss(self.ds, x0, key, **extra)
             self.ds.backward(out.loss)  # DeepSpeed divides by grad_accum (scale_wrt_gas)
             self.ds.step()  # applies the update only at the accumulation boundary
             total += float(out.loss.detach())
@@ -293,4 +294,5 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
     @torch.no_grad()
     def eval_terms(self, x0, time_samples, key):
         self.ds.eval()
-        return self.objective.eval_terms(self.ds, x0.to(self.device), time_samples, key)
+        x0, extra = unpack(x0, self.device)
+        return self.objective.eval_terms(self.ds, x0, time_samples, key, **extra)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from unmask.config import Config
-from unmask.engines.base import LocalWeights, StepStats, autocast
+from unmask.engines.base import LocalWeights, StepStats, autocast, unpack
 from unmask.engines.optim import build_optimizer, build_scheduler
 
 
@@ -27,9 +27,10 @@ class LocalEngine:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for x0, key in zip(micro_batches, keys, strict=True):
+        for batch, key in zip(micro_batches, keys, strict=True):
+            x0, extra = unpack(batch, self.device)
             with autocast(self.cfg.train.dtype, self.device):
-                out = self.objective.loss(self.forward, x0.to(self.device), key)
+                out = self.objective.loss(self.forward, x0, key, **extra)
             (out.loss / len(micro_batches)).backward()
             total += out.loss.item()
         clip = self.cfg.optim.grad_clip or math.inf
@@ -46,8 +47,9 @@ class LocalEngine:
     @torch.no_grad()
     def eval_terms(self, x0, time_samples, key):
         self.model.eval()
+        x0, extra = unpack(x0, self.device)
         with autocast(self.cfg.train.dtype, self.device):
-            return self.objective.eval_terms(self.forward, x0.to(self.device), time_samples, key)
+            return self.objective.eval_terms(self.forward, x0, time_samples, key, **extra)
 
     def all_reduce_dp(self, values: list[float]) -> list[float]:
         return list(values)  # one process is the whole data-parallel group

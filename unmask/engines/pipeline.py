@@ -25,7 +25,7 @@ from torch import nn
 from unmask.config import Config
 from unmask.core.transformer import Transformer
 from unmask.diffusion.objective import EvalTerms
-from unmask.engines.base import LocalWeights, StepStats
+from unmask.engines.base import LocalWeights, StepStats, unpack
 from unmask.engines.deepspeed import (
     DeepSpeedCheckpointing,
     deepspeed_config,
@@ -188,8 +188,11 @@ class PipelineEngine(DeepSpeedCheckpointing):
     def train_step(self, micro_batches, keys) -> StepStats:
         lr = self.scheduler.get_last_lr()[0]
         data = []
-        for x0, key in zip(micro_batches, keys, strict=True):
-            c = self.objective.corrupt(x0.to(self.device), key)
+        for batch, key in zip(micro_batches, keys, strict=True):
+            # Every stage corrupts the same batch with the same key (and prompt mask): the first stage keeps the
+            # network inputs, the last the targets, so both see the same masks.
+            x0, extra = unpack(batch, self.device)
+            c = self.objective.corrupt(x0, key, **extra)
             data.append((_network_input(c.inputs), c.targets))
         # train_batch runs grad_accum micro-batches, steps, and returns the mean loss over them and dp.
         loss = float(self.ds.train_batch(iter(data)))
@@ -214,7 +217,8 @@ class PipelineEngine(DeepSpeedCheckpointing):
                 logits = torch.zeros(*inputs[0].shape, V, device=self.device)
             return logits
 
-        terms = self.objective.eval_terms(network, x0.to(self.device), time_samples, key)
+        x0, extra = unpack(x0, self.device)
+        terms = self.objective.eval_terms(network, x0, time_samples, key, **extra)
         out = torch.stack([terms.nll.double(), terms.tokens.double(), terms.mc_var.double()])
         last = ps.get_pipeline_model_parallel_last_rank()
         collective.broadcast_(out, src=last, group=ps.get_pipeline_model_parallel_group())

@@ -4,7 +4,7 @@ Loaders are keyed by data-parallel rank, so the tensor-parallel peers of a repli
 shards for the very same batches. With tp > 1 only tensor-parallel rank 0 runs the loader (and its workers); each
 micro-batch is broadcast to its peers over the tensor-parallel group. The batch shape is fixed in training
 (`ShardLoader(loop=True)` yields full [batch_size, seq_len] batches, straddling epochs), so peers receive into a
-preallocated tensor, one collective per micro-batch.
+preallocated tensor, one collective per micro-batch (two on an SFT split: the tokens, then the prompt mask).
 
 Checkpoints stay per-rank restorable: at a save, a peer that does not read receives its reader's whole loader state
 (position and per-worker shard deals), so every rank saves the same loader state as before and any of them can
@@ -54,18 +54,27 @@ class TensorParallelBatches:
     def log_fields(self) -> dict:
         return self.loader.log_fields()  # logged by global rank 0, a reader
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         shape = (self.loader.batch_size, self.manifest.seq_len)
+        sft = self.manifest.sft is not None  # batches are (tokens, prompt_mask)
         if self.reads:
-            for tokens in self.loader:
+            for batch in self.loader:
+                tokens = batch[0] if sft else batch
                 if tuple(tokens.shape) != shape:
                     raise RuntimeError(f"loader batch {tuple(tokens.shape)} != {shape}: tensor-parallel peers "
                                        "receive fixed-shape batches")
                 collective.broadcast_(tokens, src=self.src, group=self.group)
-                yield tokens
+                if sft:  # as uint8: not every backend broadcasts bool tensors
+                    collective.broadcast_(batch[1].to(torch.uint8), src=self.src, group=self.group)
+                yield batch
         else:
             while True:
-                yield collective.broadcast_(torch.empty(shape, dtype=torch.long), src=self.src, group=self.group)
+                tokens = collective.broadcast_(torch.empty(shape, dtype=torch.long), src=self.src, group=self.group)
+                if not sft:
+                    yield tokens
+                    continue
+                mask = collective.broadcast_(torch.empty(shape, dtype=torch.uint8), src=self.src, group=self.group)
+                yield tokens, mask.bool()
 
     def state_dict(self) -> dict:
         """The reader's state on every rank of the group (every rank calls this when a checkpoint is saved)."""
