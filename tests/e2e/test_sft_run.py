@@ -86,3 +86,38 @@ def test_sft_resumes_exactly_after_kill_9_and_answers_in_chat(sft_shards, tmp_pa
                                                                                    "What is 2 plus 3?")]
     assert rows[1]["reference"] == "5." and DEFAULT_TEMPLATE.response_prefix == "Assistant:\n"
     assert all(r["sampler"]["stop_at_eos"] and len(r["tokens"]) <= 48 for r in rows)
+
+
+FRESH_CHAT = """
+import json, sys, torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+folder, messages, tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+answer = model.chat(tok, messages, max_length=64, kind="ancestral", steps=8, block_length=12, seed=0)
+print(json.dumps({"text": text, "answer": answer, "expected": tok.decode(tokens, skip_special_tokens=True)}))
+"""
+
+
+def test_export_carries_the_chat_template_and_its_chat_answers_as_sample_does(sft_shards, tmp_path):
+    """The same answer tokens as `unmask sample --chat` (compared as decoded by the export's own tokenizer)."""
+    assert run(sft_shards, tmp_path / "run").returncode == 0
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."},
+                {"role": "user", "content": "What is 3 plus 1?"}]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": messages}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--chat-file", str(chats), "--length", "64",
+                 "--steps", "8", "--block-length", "12", "--device", "cpu", "--out", str(answers)]) == 0
+    tokens = json.loads(answers.read_text())["tokens"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")}
+    proc = subprocess.run([sys.executable, "-I", "-c", FRESH_CHAT, str(out), json.dumps(messages), json.dumps(tokens)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["text"] == "<bos>User:\nWhat is 2 plus 2?\n\nAssistant:\n4.\n\nUser:\nWhat is 3 plus 1?\n\nAssistant:\n"
+    assert got["answer"] == got["expected"]

@@ -75,3 +75,14 @@ def test_chat_file_reads_prepare_data_formats_and_keeps_a_given_answer_as_refere
     path.write_text('{"messages": []}\n')
     with pytest.raises(DataError, match=f"{path}:1: "):
         read_chats([], str(path), template)
+
+
+def test_exported_jinja_template_renders_as_training_does():
+    from jinja2 import Template
+
+    from unmask.data.chat import DEFAULT_TEMPLATE, Conversation, jinja_template, render
+
+    turns = [("system", "Be brief {% raw %} \"quoted\""), ("user", "Hi?"), ("assistant", "Yo"), ("user", "And?")]
+    text = Template(jinja_template(DEFAULT_TEMPLATE)).render(
+        messages=[{"role": r, "content": c} for r, c in turns], bos_token="<bos>", add_generation_prompt=True)
+    assert text == "<bos>" + render(Conversation("t", (*turns, ("assistant", "-"))))[0]

@@ -123,3 +123,21 @@ class UnmaskForMaskedLM(UnmaskPreTrainedModel):
             c.eos_token_id, c.pad_token_id, get_schedule(c.noise_schedule), c.time_conditioning, prompt_mask,
             c.max_seq_len)
         return {"sequences": tokens, "lengths": lengths, "nfe": nfe, "steps": steps}
+
+    @torch.no_grad()
+    def chat(self, tokenizer, messages, max_length=None, **options):
+        """The answer (text) to `messages` ([{"role": "system"|"user"|"assistant", "content": ...}], ending with the
+        user's turn) of an instruction-tuned export: the folder's chat template (tokenizer_config.json) renders the
+        prompt, encoded as in training (<bos>, then the text after it), masks follow up to `max_length` (default
+        max_seq_len), and the answer is what comes before the first generated <eos>. Options: diffusion_generate's."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: the model was not instruction-tuned (exports of "
+                             "runs on `prepare-data --format chat` shards carry one)")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = [self.config.bos_token_id] + tokenizer.encode(text.removeprefix(tokenizer.bos_token),
+                                                               add_special_tokens=False)
+        out = self.diffusion_generate(input_ids=torch.tensor([prompt], device=self.device),
+                                      max_length=max_length or self.config.max_seq_len,
+                                      **{**options, "stop_at_eos": True})
+        return tokenizer.decode(out["sequences"][0, len(prompt):int(out["lengths"][0])].tolist(),
+                                skip_special_tokens=True)

@@ -71,6 +71,36 @@ def render(conv: Conversation, template: ChatTemplate = DEFAULT_TEMPLATE) -> tup
     return "".join(turns) + template.response_prefix, conv.messages[-1][1]
 
 
+def jinja_template(template: ChatTemplate) -> str:
+    """`template` as a Hugging Face chat template (tokenizer_config.json "chat_template"): what `render` makes of
+    the turns, after the tokenizer's bos_token, with `add_generation_prompt` adding the response prefix. Literal
+    text is written as Jinja string literals, so no character of the template can be read as Jinja syntax."""
+
+    def turn(role: str) -> str:
+        before, _, after = getattr(template, role).partition("{content}")
+        return f"{{{{ {json.dumps(before)} }}}}{{{{ message['content'] }}}}{{{{ {json.dumps(after)} }}}}"
+
+    branches = "".join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{role}' %}}{turn(role)}"
+                       for i, role in enumerate(ROLES))
+    return ("{{ bos_token }}{% for message in messages %}" + branches + "{% endif %}{% endfor %}"
+            f"{{% if add_generation_prompt %}}{{{{ {json.dumps(template.response_prefix)} }}}}{{% endif %}}")
+
+
+def trained_template(cfg) -> tuple[ChatTemplate | None, str]:
+    """The chat template a run's training split was prepared with (`prepare-data --format chat`), or None, with
+    where it came from or why there is none. Only a training config knows its data."""
+    from unmask.data.shards import read_manifest
+
+    split = cfg.data.sources[0].path if cfg.data.sources else cfg.data.train_dir
+    try:
+        sft = read_manifest(split).sft
+    except Exception:  # noqa: BLE001 - an unreadable split (moved, remote) has no template to give
+        return None, f"{split} is not readable here"
+    if not sft:
+        return None, f"{split} is not an SFT split: this model was not tuned"
+    return ChatTemplate.from_dict(sft["chat_template"]), f"the template of {split}"
+
+
 def iter_conversations(paths: list[Path]) -> Iterator[Conversation]:
     """Every conversation of every JSON Lines file, in order; blank lines are skipped."""
     for path in paths:

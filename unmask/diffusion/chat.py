@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from unmask.data.chat import DEFAULT_TEMPLATE, ChatTemplate, parse_chat_prompt, render
+from unmask.data.chat import DEFAULT_TEMPLATE, ChatTemplate, parse_chat_prompt, render, trained_template
 from unmask.diffusion.sampler import SamplerConfig, SamplingError, sample
 from unmask.diffusion.sampler_template import prompt_template
 from unmask.errors import DataError
@@ -53,19 +53,11 @@ def _prompt(obj, where: str, template: ChatTemplate, question) -> ChatPrompt:
 def run_template(loaded) -> tuple[ChatTemplate, str]:
     """The chat template the checkpoint's run trained with, and where it came from. Only a training checkpoint
     knows its data; an exported folder, a moved split or a pretraining run gets the default template."""
-    from unmask.data.shards import read_manifest
-
     cfg = getattr(loaded, "config", None)
     if cfg is None:
         return DEFAULT_TEMPLATE, "the default template (no training config with this model)"
-    split = cfg.data.sources[0].path if cfg.data.sources else cfg.data.train_dir
-    try:
-        sft = read_manifest(split).sft
-    except Exception:  # noqa: BLE001 - any unreadable split falls back to the default, said on stderr
-        return DEFAULT_TEMPLATE, f"the default template ({split} is not readable here)"
-    if not sft:
-        return DEFAULT_TEMPLATE, f"the default template ({split} is not an SFT split: this model was not tuned)"
-    return ChatTemplate.from_dict(sft["chat_template"]), f"the template of {split}"
+    template, source = trained_template(cfg)
+    return (template, source) if template else (DEFAULT_TEMPLATE, f"the default template ({source})")
 
 
 def answer(model, chats: list[ChatPrompt], cfg: SamplerConfig, special, codec, length: int, schedule,

@@ -125,8 +125,23 @@ def _write(tmp: Path, cfg, state, special, tokenizer: Path, step: Path, dtype: s
 
     n_params = write_model(tmp, cfg, state, special, dtype, sampler)
     export_hf_tokenizer(tokenizer, tmp)
+    add_chat_template(tmp, cfg)
     meta = json.loads((step / "meta.json").read_text())
     (tmp / "README.md").write_text(model_card(cfg, meta, step, special, n_params, weights))
+
+
+def add_chat_template(folder: Path, cfg) -> None:
+    """An instruction-tuned run (trained on `prepare-data --format chat` shards) exports its chat template in
+    tokenizer_config.json, so `tokenizer.apply_chat_template` and the model's `chat` render prompts as training did."""
+    from unmask.data.chat import jinja_template, trained_template
+
+    template, _ = trained_template(cfg)
+    if template is None:
+        return
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = jinja_template(template)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def hf_model(cfg, state: dict[str, torch.Tensor], special):
