@@ -121,3 +121,14 @@ def test_export_carries_the_chat_template_and_its_chat_answers_as_sample_does(sf
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got["text"] == "<bos>User:\nWhat is 2 plus 2?\n\nAssistant:\n4.\n\nUser:\nWhat is 3 plus 1?\n\nAssistant:\n"
     assert got["answer"] == got["expected"]
+
+    # `unmask eval` on the SFT split scores the held-out responses given their prompts (the demo's before/after).
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--shards", str(sft_shards / "val"), "--batches", "2",
+                 "--batch-size", "4", "--steps", "4", "--num-samples", "1", "--length", "16", "--out",
+                 str(report)]) == 0
+    from unmask.data.loader import ShardLoader
+
+    rows = list(ShardLoader(sft_shards / "val", 4, seq_len=64, loop=False, shuffle=False, model_vocab_size=512))[:2]
+    responses = sum(int((~mask).sum()) for _, mask in rows)  # sft_eos_padding "all": every response token
+    assert json.loads(report.read_text())["likelihood"]["tokens"] == responses

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from unmask.eval import EvalError
+
 
 def likelihood(loaded, shards: str, *, batches: int = 16, batch_size: int = 8, time_samples: int = 8) -> dict:
     """NELBO (or AR NLL) over the first `batches` batches of `batch_size` sequences of the split dir `shards`."""
@@ -30,8 +32,13 @@ def likelihood(loaded, shards: str, *, batches: int = 16, batch_size: int = 8, t
 
         blocks = {"block_size": loaded.model.block_size} if loaded.objective == "bd3lm" else {}  # an export's
         diffusion = DiffusionConfig(objective=loaded.objective, schedule=loaded.schedule, **blocks)
+    if loader.manifest.sft and not diffusion.prompt_conditioned:  # an SFT split scores responses given prompts,
+        if diffusion.objective != "mdlm":  # whichever run made the model (before / after instruction tuning)
+            raise EvalError(f"{shards} is an SFT split (prepare-data --format chat): its response loss needs a "
+                            f"masked-diffusion (mdlm) model, and this is a {diffusion.objective!r} one")
+        diffusion = diffusion.model_copy(update={"prompt_conditioned": True})
     objective = build_objective(diffusion, loaded.special.mask, loaded.special.pad, 0,
-                                loaded.model_cfg.time_conditioning)
+                                loaded.model_cfg.time_conditioning, eos_id=loaded.special.eos)
     held = list(itertools.islice(iter(loader), batches))
     return evaluate_likelihood(loaded.model, objective, held, time_samples=time_samples).to_dict()
 

@@ -56,13 +56,16 @@ def ratio_with_stderr(nll: torch.Tensor, counts: torch.Tensor) -> tuple[float, f
 @torch.no_grad()
 def evaluate_likelihood(model, objective, batches: Iterable[torch.Tensor], time_samples: int = 4,
                         seed: int = 0, max_batches: int | None = None) -> LikelihoodResult:
-    """Score token batches [B, L] with `objective.eval_terms`; batch i uses mask seed `seed + i`."""
+    """Score token batches [B, L] (or SFT's (tokens, prompt_mask) pairs: the response given the prompt) with
+    `objective.eval_terms`; batch i uses mask seed `seed + i`."""
     device = model_device(model)
     nlls, counts = [], []
-    for i, x0 in enumerate(batches):
+    for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        terms = objective.eval_terms(model, x0.to(device), time_samples, seed + i)
+        x0, prompt_mask = batch if isinstance(batch, tuple) else (batch, None)
+        sft = {} if prompt_mask is None else {"prompt_mask": prompt_mask.to(device)}
+        terms = objective.eval_terms(model, x0.to(device), time_samples, seed + i, **sft)
         nlls.append(terms.nll.double().cpu())  # [B]
         counts.append(terms.tokens.cpu())  # [B]
     if not nlls:
