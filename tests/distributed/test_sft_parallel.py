@@ -1,5 +1,5 @@
 """SFT (prompt-masked batches, LLaDA's per-sample loss) trains exactly like one process at DP=2 with ZeRO-2 (with the
-weight EMA) and with TP=2: the prompt mask reaches the objective in every engine and the loss stays layout-free."""
+weight EMA), with TP=2 and with PP=2: the prompt mask reaches the objective in every engine and the loss stays layout-free."""
 
 import json
 import os
@@ -50,6 +50,14 @@ def test_sft_tp2_matches_one_process(tmp_path, padding):
     runs = [{"name": "tp2", "sections": {"parallel": {"engine": "deepspeed", "tp": 2}, **sft}, "steps": STEPS}]
     got = launch("_parallel_train.py", 2, tmp_path, run_spec(runs))["tp2"]
     check(got, reference(STEPS, global_micro=2, dp=1, **sft), padding)
+
+
+def test_sft_pp2_matches_one_process(tmp_path):
+    """Pipeline stages: every stage corrupts with the same prompt mask; the last one scores the responses."""
+    runs = [{"name": "pp2", "sections": {"parallel": {"engine": "deepspeed", "pp": 2, "zero_stage": 1},
+                                         "train": {"micro_batch_size": 4}, **SFT}, "steps": STEPS}]
+    got = launch("_parallel_train.py", 2, tmp_path, run_spec(runs))["pp2"]
+    check(got, reference(STEPS, global_micro=4, dp=1, **SFT))
 
 
 def test_sft_tp2_through_the_train_loop_matches_one_process(tiny_shards, tmp_path):
