@@ -101,17 +101,22 @@ def trained_template(cfg) -> tuple[ChatTemplate | None, str]:
     return ChatTemplate.from_dict(sft["chat_template"]), f"the template of {split}"
 
 
+def json_lines(path: Path) -> Iterator[tuple[object, str]]:
+    """(object, "file:line") of each non-blank line of a JSON Lines file; a bad line is an error naming it."""
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield json.loads(line), where
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); one conversation object per line") from None
+
+
 def iter_conversations(paths: list[Path]) -> Iterator[Conversation]:
     """Every conversation of every JSON Lines file, in order; blank lines are skipped."""
     for path in paths:
-        for lineno, line in enumerate(read_text(path).split("\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); one object per line") from None
+        for obj, where in json_lines(path):
             yield parse_conversation(obj, where)
 
 

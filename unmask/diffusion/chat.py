@@ -9,17 +9,15 @@ is the text before it: --length only bounds it. The prompt tokens are never chan
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from unmask.data.chat import DEFAULT_TEMPLATE, ChatTemplate, parse_chat_prompt, render, trained_template
+from unmask.data.chat import DEFAULT_TEMPLATE, ChatTemplate, json_lines, parse_chat_prompt, render, trained_template
 from unmask.diffusion.sampler import SamplerConfig, SamplingError, sample
 from unmask.diffusion.sampler_template import prompt_template
-from unmask.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -33,15 +31,7 @@ def read_chats(questions: list[str], chat_file: str | None, template: ChatTempla
     """--chat questions (one user turn each) then every line of --chat-file (prepare-data's chat formats)."""
     rows = [_prompt({"prompt": q}, f"--chat {q!r}", template, q) for q in questions]
     if chat_file:
-        for lineno, line in enumerate(Path(chat_file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{chat_file}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); one conversation object per line") from None
-            rows.append(_prompt(obj, where, template, obj))
+        rows += [_prompt(obj, where, template, obj) for obj, where in json_lines(Path(chat_file))]
     return rows
 
 
