@@ -356,6 +356,11 @@ class Config(Section):
         return self.diffusion.objective == "ar"
 
     @property
+    def network_streams(self) -> int:
+        """Network positions per data token: 2 under block diffusion (x_t and x_0 side by side), else 1."""
+        return 2 if self.block_size else 1
+
+    @property
     def block_size(self) -> int:
         """The network's attention blocks: diffusion.block_size under block diffusion, 0 (none) otherwise."""
         return self.diffusion.block_size if self.diffusion.objective == "bd3lm" else 0

@@ -86,3 +86,23 @@ def test_cli(capsys):
     assert "8.02B parameters" in out and "recommended: --parallel.tp=" in out and "the config's own layout" in out
     assert main(["plan", "configs/8b.toml", "--gpus", "8", "--gpu", "b200"]) == 2
     assert "--gpu 'b200' is not known" in capsys.readouterr().err
+
+
+def test_block_diffusion_counts_both_streams():
+    """x_t and x_0 run through every block side by side: twice the block activations and matmul FLOPs per data
+    token, four times the attention; the head reads x_t only."""
+    from unmask.config import Config
+    from unmask.model.counting import matmul_params, train_flops_per_token
+    from unmask.plan.memory import Layout, estimate
+
+    base = {"model": {"size": "125m"}, "train": {"seq_len": 1024}}
+    mdlm = Config.model_validate(base)
+    bd3 = Config.model_validate({**base, "diffusion": {"objective": "bd3lm", "block_size": 16}})
+    m = mdlm.model
+    head = m.vocab_size * m.dim
+    attention = 12 * m.n_layers * 1024 * m.n_heads * m.head_dim
+    assert train_flops_per_token(m, 1024, 2) == 6 * (2 * (matmul_params(m) - head) + head) + 4 * attention
+    assert train_flops_per_token(m, 1024, 1) == 6 * matmul_params(m) + attention
+    layout = Layout(dp=8, zero=1, micro=4)
+    a, b = estimate(mdlm, layout), estimate(bd3, layout)
+    assert b.params == a.params and 1.5 * a.activations < b.activations < 2.01 * a.activations

@@ -33,14 +33,17 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.n_layers * per_block + cfg.vocab_size * cfg.dim
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, streams: int = 1) -> int:
     """Forward + backward FLOPs per token: 6 * matmul params + attention scores and values.
 
     Attention per layer per token: QK^T and AV are 2 * 2 * seq_len * (n_heads * head_dim) forward,
     times 3 for forward + backward = 12 * seq_len * n_heads * head_dim (PaLM / Megatron counting; full
-    attention is counted for causal models too, as Megatron and torchtitan do)."""
-    attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return 6 * matmul_params(cfg) + attention
+    attention is counted for causal models too, as Megatron and torchtitan do).
+    streams: network positions per data token, 2 for block diffusion's [x_t | x_0] pass: its blocks run on 2L
+    positions attending over 2L (the dense masked attention SDPA computes), its head on the L of x_t."""
+    head = cfg.vocab_size * cfg.dim
+    attention = 12 * cfg.n_layers * streams * seq_len * cfg.n_heads * cfg.head_dim
+    return 6 * (streams * (matmul_params(cfg) - head) + head) + streams * attention
 
 
 DS_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket, in elements

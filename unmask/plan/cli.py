@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     seq = args.seq_len or t.seq_len
     gpu = GPUS[args.gpu]
     peak = gpu[t.dtype]
-    fpt = train_flops_per_token(m, seq)
+    fpt = train_flops_per_token(m, seq, cfg.network_streams)
     batch = global_batch(cfg, args.gpus)
     tokens = args.tokens or t.steps * batch * seq
     found = candidates(cfg, args.gpus, gpu["memory"], peak, args.mfu, fpt, seq)

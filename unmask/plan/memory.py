@@ -120,10 +120,10 @@ def estimate(cfg: Config, layout: Layout, seq_len: int | None = None, gpu: bool 
 
     tokens = L.micro * s
     act, fp32 = block_activation_elems(m, L.tp)
-    block = tokens * (act * w + fp32 * 4)
+    block = cfg.network_streams * tokens * (act * w + fp32 * 4)  # block diffusion: x_t and x_0 through every block
     layers = m.n_layers // L.pp
     in_flight = min(L.pp, L.accum)
-    kept = tokens * m.dim * w if L.ckpt else block  # per block and micro-batch
+    kept = cfg.network_streams * tokens * m.dim * w if L.ckpt else block  # per block and micro-batch
     masked = 1.0 if cfg.diffusion.objective == "ar" else 0.5  # expected masked fraction, t ~ U(0, 1]
     head = tokens * (3 * m.dim * w + masked * m.vocab_size / L.tp * 4)
     first = layers * in_flight * kept + (block if L.ckpt else 0)

@@ -94,7 +94,8 @@ def train(cfg: Config, init_state: dict | None = None, stage: Stage | None = Non
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dims.dp * cfg.train.seq_len
     peak = device_peak_flops(device, cfg.train.dtype) if dims.is_main else None
-    meter = Throughput(train_flops_per_token(cfg.model, cfg.train.seq_len), peak, devices=dims.world_size)
+    meter = Throughput(train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.network_streams), peak,
+                       devices=dims.world_size)
     preemption = Preemption(cfg.launch.preempt_grace_seconds)
     batches = iter(loader)
     last_val: dict = {}
