@@ -2,6 +2,7 @@
 
 A checkpoint folder (or a run dir -> its newest checkpoint that matches its manifest) is verified first, then:
 - LocalEngine: `engine/engine.pt`["model"];
+- a LoRA run's (lora.rank > 0) base weights and adapters: merged into plain weights (unmask.model.lora.merge_lora);
 - DeepSpeed: per tensor-parallel rank, the module state (`mp_rank_XX_model_states.pt`), or DeepSpeed's own
   `zero_to_fp32` over that rank's ZeRO partitions when the module holds no full fp32 copy (ZeRO-3 placeholders,
   bf16 weights with fp32 masters); pipeline stages from their `layer_XX-model_YY-model_states.pt` files, or in
@@ -32,6 +33,7 @@ from unmask.config import Config, load_config_text
 from unmask.data.special import SpecialTokens
 from unmask.errors import CheckpointError
 from unmask.model.build import build_model
+from unmask.model.lora import is_lora_state, merge_lora
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)")
@@ -96,8 +98,14 @@ def chosen_weights(step: Path, weights: str) -> str:
 
 
 def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
-    """fp32 copies, tied output restored, keys and shapes equal to the model the config builds."""
+    """fp32 copies, LoRA adapters merged (unmask.model.lora), tied output restored, keys and shapes equal to the
+    model the config builds."""
     state = {k: v.detach().to(torch.float32) for k, v in state.items() if v is not None and "_extra_state" not in k}
+    if is_lora_state(state):
+        try:
+            state = merge_lora(state, cfg)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {step}: {e}; was it written by this unmask version?") from None
     if cfg.model.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     want = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").state_dict().items()}
