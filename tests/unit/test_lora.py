@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from tests.support.runs import REPO
+from unmask.checkpoint.reshard import check_supported
+from unmask.checkpoint.store import check_compatible
 from unmask.config import load_config
 from unmask.data.special import SpecialTokens
 from unmask.diffusion.noise import BatchKey
 from unmask.engines import build_components
-from unmask.errors import ConfigError
+from unmask.errors import CheckpointError, ConfigError
 from unmask.model.build import build_model
 from unmask.model.lora import merge_lora
 from unmask.parallel.dims import ParallelDims
@@ -97,3 +99,15 @@ def test_adapters_start_from_the_seed_with_b_zero():
 def test_unsupported_settings_are_refused_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         cfg_of(*overrides)
+
+
+def test_a_zero2_lora_checkpoint_refuses_another_data_parallel_size(tmp_path):
+    cfg = cfg_of("--parallel.engine=deepspeed", "--parallel.zero_stage=2")
+    with pytest.raises(CheckpointError, match=r"LoRA run \(lora.rank=4\) saved with parallel.zero_stage=2 resumes "
+                                              r"only with the saved number of processes"):
+        check_supported(tmp_path, cfg, cfg)
+
+
+def test_resume_refuses_another_lora_shape(tmp_path):
+    with pytest.raises(CheckpointError, match=r"lora.rank=4 but this run has lora.rank=8"):
+        check_compatible(cfg_of(), cfg_of("--lora.rank=8"), tmp_path)
