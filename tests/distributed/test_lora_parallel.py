@@ -1,6 +1,7 @@
 """LoRA at DP=2 through DeepSpeed ZeRO-0 and ZeRO-2 trains exactly like one process: only the adapters require
 gradients and reach the optimizer (ZeRO-2 partitions just them), and the merged weights read back from the ZeRO
-checkpoint equal the one-process run's."""
+checkpoint equal the one-process run's; a bf16 ZeRO-1 checkpoint, whose frozen base has no fp32 master, reads back
+too."""
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ def test_lora_dp2_zero0_and_zero2_match_one_process(tmp_path):
     stages = (0, 2)
     runs = [{"name": f"zero{z}", "sections": {"parallel": {"engine": "deepspeed", "zero_stage": z}, **LORA},
              "steps": STEPS} for z in stages]
+    bf16 = {"parallel": {"engine": "deepspeed", "zero_stage": 1}, "train": {"dtype": "bf16"}, **LORA}
+    runs.append({"name": "zero1-bf16", "sections": bf16, "steps": STEPS})
     got = launch("_lora_parallel.py", 2, tmp_path, run_spec(runs))
     ref = train(make_cfg(train={"micro_batch_size": 4}, **LORA), STEPS, eval_split=2)
     adapters = {n: p for n, p in ref["engine"].model.named_parameters() if p.requires_grad}
@@ -37,3 +40,9 @@ def test_lora_dp2_zero0_and_zero2_match_one_process(tmp_path):
         assert merged.keys() == ref_merged.keys()
         for k, v in ref_merged.items():
             torch.testing.assert_close(merged[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # bf16 ZeRO-1: DeepSpeed keeps fp32 masters of the adapters only; the frozen base is read from the module (bf16)
+    merged = merge_lora(_deepspeed_state(tmp_path / "ckpt-zero1-bf16" / "engine", make_cfg(**bf16)), make_cfg(**bf16))
+    assert merged.keys() == ref_merged.keys()
+    adapted = {k for k in merged if any(f".{m}." in k for m in make_cfg(**LORA).lora.target_modules)}
+    assert adapted and all(torch.equal(merged[k], ref["engine"].model.state_dict()[k].bfloat16().float())
+                           for k in merged.keys() - adapted)

@@ -151,7 +151,10 @@ def _rank_state(engine: Path, mp: int, masters: bool = True) -> dict[str, torch.
     full_fp32 = stage < 3 and module and all(v.dtype == torch.float32 for v in module.values())
     if full_fp32 or (module and stage < 3 and not masters):
         return module
-    return _zero_to_fp32(engine, mp)
+    state = _zero_to_fp32(engine, mp)
+    if is_lora_state(module):  # a frozen base has no fp32 master: the module's own values are the ones trained with
+        state = {**{k: v for k, v in module.items() if k not in state}, **state}
+    return state
 
 
 def _zero_to_fp32(engine: Path, mp: int, module_in_layer_files: bool = False) -> dict[str, torch.Tensor]:
