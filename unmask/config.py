@@ -192,8 +192,9 @@ class TrainConfig(Section):
 
 
 class LoraConfig(Section):
-    """LoRA adapters through peft (unmask/model/lora.py): only the adapters train, the base weights stay frozen;
-    checkpoints keep both, every reader of plain weights (sample, eval, export, a teacher) gets them merged."""
+    """LoRA adapters through peft (unmask/model/lora.py): only the adapters train (and a weight EMA averages only
+    them), the base weights stay frozen; checkpoints keep both, every reader of plain weights (sample, eval, export,
+    a teacher) gets them merged."""
 
     rank: int = Field(0, ge=0, description="adapter rank r (0: off, the whole model trains). LoRA normally starts "
                       "from trained weights (--init-from an export); from scratch the frozen base stays random")
@@ -371,9 +372,6 @@ class Config(Section):
             raise ValueError(f"lora.rank={self.lora.rank} runs on the local engine and DeepSpeed ZeRO 0-2 without "
                              f"tensor or pipeline parallelism (parallel.tp={p.tp}, pp={p.pp}, zero_stage="
                              f"{p.zero_stage}): set parallel.tp=1, pp=1, zero_stage<=2, or lora.rank=0")
-        if self.train.ema_decay:
-            raise ValueError(f"train.ema_decay={self.train.ema_decay} with lora.rank={self.lora.rank}: an EMA under "
-                             "LoRA is not supported (it would average the frozen base too); set train.ema_decay=0")
 
     def _check_block_diffusion(self) -> None:
         d, m = self.diffusion, self.model

@@ -18,7 +18,7 @@ from unmask.checkpoint.consolidate import load_checkpoint_weights
 from unmask.cli import main
 from unmask.export.hf import export
 from unmask.model.build import build_model
-from unmask.model.lora import add_lora
+from unmask.model.lora import add_lora, merge_lora
 from unmask.train.loop import train
 
 pytestmark = pytest.mark.slow
@@ -83,3 +83,20 @@ def test_export_is_merged_and_gives_the_adapted_models_logits(tiny_shards, base_
     got = run_fresh([{"folder": str(out), "tokens": tokens, "t": None, "templates": [], "options": []}], tmp_path)[0]
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], adapted.eval()(tokens), atol=1e-5, rtol=0)
+
+
+def test_the_ema_averages_the_adapters_and_readers_merge_it_into_the_frozen_base(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "--train.steps=4", "--train.val_every=0", "--train.val_batches=1",
+                      "--train.threads=1", "--train.micro_batch_size=4", "--checkpoint.interval_steps=4",
+                      "--lora.rank=4", "--lora.alpha=8", "--optim.lr=1e-2", "--optim.warmup_steps=0",
+                      "--train.ema_decay=0.5")
+    train(cfg)
+    step = tmp_path / "checkpoints" / "step-00000004"
+    engine = torch.load(step / "engine" / "engine.pt", weights_only=True)["model"]
+    averaged = torch.load(step / "ema" / "tp00-pp00-dp00000.pt", weights_only=True)["tensors"]
+    assert averaged.keys() == {k for k in engine if ".lora_" in k}
+    _, ema = load_checkpoint_weights(tmp_path, weights="ema")
+    _, raw = load_checkpoint_weights(tmp_path, weights="raw")
+    expected = merge_lora({**engine, **averaged}, cfg)
+    assert ema.keys() == expected.keys() and all(torch.equal(ema[k], expected[k]) for k in ema)
+    assert not torch.equal(ema["layers.0.attention.wq.weight"], raw["layers.0.attention.wq.weight"])

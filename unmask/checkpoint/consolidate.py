@@ -75,13 +75,16 @@ def load_checkpoint_weights(path: str | Path, masters: bool = True,
     step = resolve(path)
     meta = json.loads((step / "meta.json").read_text())
     cfg = load_config_text(meta["config"], where=str(step / "meta.json"))
-    if chosen_weights(step, weights) == "ema":
+    ema = chosen_weights(step, weights) == "ema"
+    if ema and not cfg.lora.rank:
         return cfg, _checked(ema_state(step, cfg), cfg, step)
     engine = step / "engine"
     if (engine / "engine.pt").is_file():
         state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
     else:
         state = _deepspeed_state(engine, cfg, masters)
+    if ema:  # a LoRA run averaged its adapters only: the frozen base comes from the engine state
+        state = {**state, **ema_state(step, cfg)}
     return cfg, _checked(state, cfg, step)
 
 

@@ -234,7 +234,7 @@ def ds_local_weights(ds, pp_stage: int = 0) -> LocalWeights:
 
     where = {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_stage": pp_stage,
              "dp_rank": ps.get_data_parallel_rank(), "dp": ps.get_data_parallel_world_size()}
-    params = list(ds.module.named_parameters())
+    params = [(n, p) for n, p in ds.module.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     if ds.zero_optimization_stage() == 3:
         return LocalWeights({n: p.ds_tensor.data for n, p in params}, kind="zero3",
                             shapes={n: list(p.ds_shape) for n, p in params}, sync=lambda: zero3_sync(ds), **where)
