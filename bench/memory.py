@@ -19,6 +19,13 @@ layout, against the one-process run and the planner's build peak and total (shar
 tests/distributed/test_memory_sharded.py asserts on the same figures).
 
     python bench/memory.py --layouts one,tp2,pp2,zero3 [--size 350m] [--vocab 1024] [--seq-len 32]
+
+With --lora RANK: the same DP=2 measurement of the same model with and without LoRA adapters of that rank on every
+block projection (issue 20), side by side per ZeRO stage (0-2; LoRA refuses ZeRO-3): parameters, gradients and
+optimizer state (fp32 masters included) at the optimizer step, their sum, and each launch's peak RSS, with the
+LoRA / full ratios. Each (stage, LoRA or not) is its own launch, so each peak RSS is that run's own.
+
+    python bench/memory.py --lora 8 [--size small] [--stages 0,2]
 """
 
 from __future__ import annotations
@@ -37,12 +44,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from parallel import MemoryProbe  # noqa: E402
 
 
-def make_cfg(size: str, zero: int, micro: int, seq_len: int):
+def make_cfg(size: str, zero: int, micro: int, seq_len: int, lora: int = 0):
     from unmask.config import load_config
 
     return load_config(None, [f"--model.size={size}", f"--model.max_seq_len={max(seq_len, 256)}",
                               f"--train.micro_batch_size={micro}", f"--train.seq_len={seq_len}",
-                              "--optim.warmup_steps=0", "--parallel.engine=deepspeed", f"--parallel.zero_stage={zero}"])
+                              "--optim.warmup_steps=0", "--parallel.engine=deepspeed", f"--parallel.zero_stage={zero}",
+                              f"--lora.rank={lora}", f"--lora.alpha={2.0 * max(lora, 1)}"])
 
 
 class SavedTensors:
@@ -66,14 +74,14 @@ class SavedTensors:
         return sum(s.nbytes() for s in self.storages.values())
 
 
-def measure(size: str, zero: int, micro: int, seq_len: int) -> dict:
+def measure(size: str, zero: int, micro: int, seq_len: int, lora: int = 0) -> dict:
     """One rank's states and activations after a warm-up step (Adam's state exists from the first step)."""
     from unmask.data.special import SpecialTokens
     from unmask.diffusion.noise import BatchKey
     from unmask.engines import build_components
     from unmask.parallel.dims import setup_parallel
 
-    cfg = make_cfg(size, zero, micro, seq_len)
+    cfg = make_cfg(size, zero, micro, seq_len, lora)
     dims = setup_parallel(cfg)
     torch.manual_seed(0)
     special = SpecialTokens()
@@ -94,7 +102,9 @@ def worker(args) -> None:
     import resource
 
     torch.set_num_threads(1)
-    result = {z: measure(args.size, z, args.micro, args.seq_len) for z in args.stages}
+    import peft  # noqa: F401  (its import, transformers included, counts in both the full and the LoRA peak RSS)
+
+    result = {z: measure(args.size, z, args.micro, args.seq_len, args.lora or 0) for z in args.stages}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows = [None, None]
     import torch.distributed as dist
@@ -104,13 +114,13 @@ def worker(args) -> None:
         Path(args.out).write_text(json.dumps(rows))
 
 
-def run_ranks(size: str, micro: int, seq_len: int, stages: list[int]) -> list[dict]:
+def run_ranks(size: str, micro: int, seq_len: int, stages: list[int], lora: int = 0) -> list[dict]:
     """Launch the 2-rank measurement; returns each rank's {"result": {stage: ...}, "rss": bytes}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--worker", "--out", str(out), f"--size={size}", f"--micro={micro}", f"--seq-len={seq_len}",
-               f"--stages={','.join(map(str, stages))}"]
+               f"--stages={','.join(map(str, stages))}", f"--lora={lora}"]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT")}
         proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
@@ -253,6 +263,40 @@ def print_layouts(size: str, vocab: int, seq_len: int, layouts: list[str], dtype
               f"{mem.build / gib:13.2f} {mem.total / gib:13.2f} {(mem.peak + top['start']) / gib:9.2f}")
 
 
+def print_lora(size: str, micro: int, seq_len: int, stages: list[int], rank: int) -> None:
+    """Full training against LoRA of `rank` on the same model, per ZeRO stage: rank 0's states and peak RSS."""
+    from unmask.model.counting import param_count
+
+    mib = 2**20
+    cfg = make_cfg(size, 0, micro, seq_len, rank)
+    trainable = sum(2 * rank * (i + o) for i, o in lora_shapes(cfg))
+    print(f"model {size} ({param_count(cfg.model) / 1e6:.1f}M parameters), DP=2 (gloo, 2 processes), fp32, "
+          f"micro-batch {micro} x {seq_len} tokens; LoRA rank {rank} on {cfg.lora.target_modules} of every block "
+          f"({trainable / 1e6:.3f}M trainable). MiB per rank (rank 0), full / LoRA (ratio)")
+    print(f"{'ZeRO':>4} {'params':>26} {'grads':>26} {'optimizer+master':>26} {'states':>26} {'peak RSS':>26}")
+    for z in stages:
+        full, lora = (run_ranks(size, micro, seq_len, [z], r)[0] for r in (0, rank))
+        cells = []
+        for pick in (lambda r: r["kinds"]["params"], lambda r: r["kinds"]["grads"],
+                     lambda r: r["kinds"]["optimizer"] + r["kinds"]["master"], lambda r: r["states"]):
+            a, b = pick(full["result"][str(z)]), pick(lora["result"][str(z)])
+            cells.append((a, b))
+        cells.append((full["rss"], lora["rss"]))
+        text = [f"{a / mib:8.2f} / {b / mib:8.2f} ({b / a if a else float('nan'):4.2f})" for a, b in cells]
+        print(f"{z:>4} " + " ".join(f"{t:>26}" for t in text))
+    print("params counts every model tensor (the frozen base included); peak RSS includes torch, DeepSpeed and "
+          "Python, and activations, which LoRA does not shrink")
+
+
+def lora_shapes(cfg) -> list[tuple[int, int]]:
+    """(in, out) features of every adapted linear layer of the model `cfg` builds."""
+    from unmask.model.build import build_model
+
+    model = build_model(cfg.model, device="meta")
+    return [(m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rpartition(".")[2] in cfg.lora.target_modules]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="small")
@@ -264,6 +308,8 @@ def main() -> None:
                         "(default model 350m, vocab 1024, seq 32)")
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary for --layouts")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="train.dtype for --layouts")
+    p.add_argument("--lora", type=int, metavar="RANK",
+                   help="instead: full training against LoRA adapters of this rank, per ZeRO stage (default 0,2)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", help=argparse.SUPPRESS)
@@ -273,6 +319,9 @@ def main() -> None:
         return worker(args)
     if args.layout_worker:
         return layout_worker(args)
+    if args.lora:
+        stages = [z for z in args.stages if z < 3] if args.stages != [0, 1, 2, 3] else [0, 2]
+        return print_lora(args.size, args.micro, args.seq_len, stages, args.lora)
     if args.layouts:
         size = "350m" if args.size == "small" else args.size
         seq = 32 if args.seq_len == 128 else args.seq_len

@@ -20,6 +20,8 @@ from unmask.errors import ConfigError
 # The names unmask/core/schedule.py registers; a literal here keeps config a leaf that diffusion depends on
 # (tests/unit/test_config.py checks the two agree).
 SCHEDULE_NAMES = ("loglinear", "cosine")
+# The projections of unmask's blocks (bert's have the same names, without w3) that LoRA may adapt.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 class Section(BaseModel):
@@ -189,6 +191,30 @@ class TrainConfig(Section):
         "use it when the checkpoint has one (--raw-weights / distill.teacher_weights=\"raw\" for the raw weights)")
 
 
+class LoraConfig(Section):
+    """LoRA adapters through peft (unmask/model/lora.py): only the adapters train (and a weight EMA averages only
+    them), the base weights stay frozen; checkpoints keep both, every reader of plain weights (sample, eval, export,
+    a teacher) gets them merged."""
+
+    rank: int = Field(0, ge=0, description="adapter rank r (0: off, the whole model trains). LoRA normally starts "
+                      "from trained weights (--init-from an export); from scratch the frozen base stays random")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: the update is B @ A * alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (0: none, and then data-"
+                           "parallel layouts equal one process exactly)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        description=f"module names adapted in every block, from {list(LORA_TARGETS)} (attention, then MLP)")
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoraConfig:
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if unknown or not self.target_modules:
+            what = f"unknown names {unknown}" if unknown else "no names"
+            raise ValueError(f"lora.target_modules={self.target_modules} has {what}; use names from "
+                             f"{list(LORA_TARGETS)}")
+        return self
+
+
 class ParallelConfig(Section):
     """Parallel layout; dp is inferred as world_size / (tp * pp)."""
 
@@ -324,6 +350,7 @@ class Config(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -335,7 +362,16 @@ class Config(Section):
             )
         if self.diffusion.objective == "bd3lm":
             self._check_block_diffusion()
+        if self.lora.rank:
+            self._check_lora()
         return self
+
+    def _check_lora(self) -> None:
+        p = self.parallel
+        if p.tp > 1 or p.pp > 1 or (p.engine == "deepspeed" and p.zero_stage == 3):
+            raise ValueError(f"lora.rank={self.lora.rank} runs on the local engine and DeepSpeed ZeRO 0-2 without "
+                             f"tensor or pipeline parallelism (parallel.tp={p.tp}, pp={p.pp}, zero_stage="
+                             f"{p.zero_stage}): set parallel.tp=1, pp=1, zero_stage<=2, or lora.rank=0")
 
     def _check_block_diffusion(self) -> None:
         d, m = self.diffusion, self.model

@@ -2,6 +2,7 @@
 
 A checkpoint folder (or a run dir -> its newest checkpoint that matches its manifest) is verified first, then:
 - LocalEngine: `engine/engine.pt`["model"];
+- a LoRA run's (lora.rank > 0) base weights and adapters: merged into plain weights (unmask.model.lora.merge_lora);
 - DeepSpeed: per tensor-parallel rank, the module state (`mp_rank_XX_model_states.pt`), or DeepSpeed's own
   `zero_to_fp32` over that rank's ZeRO partitions when the module holds no full fp32 copy (ZeRO-3 placeholders,
   bf16 weights with fp32 masters); pipeline stages from their `layer_XX-model_YY-model_states.pt` files, or in
@@ -32,6 +33,7 @@ from unmask.config import Config, load_config_text
 from unmask.data.special import SpecialTokens
 from unmask.errors import CheckpointError
 from unmask.model.build import build_model
+from unmask.model.lora import is_lora_state, merge_lora
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)")
@@ -73,13 +75,16 @@ def load_checkpoint_weights(path: str | Path, masters: bool = True,
     step = resolve(path)
     meta = json.loads((step / "meta.json").read_text())
     cfg = load_config_text(meta["config"], where=str(step / "meta.json"))
-    if chosen_weights(step, weights) == "ema":
+    ema = chosen_weights(step, weights) == "ema"
+    if ema and not cfg.lora.rank:
         return cfg, _checked(ema_state(step, cfg), cfg, step)
     engine = step / "engine"
     if (engine / "engine.pt").is_file():
         state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
     else:
         state = _deepspeed_state(engine, cfg, masters)
+    if ema:  # a LoRA run averaged its adapters only: the frozen base comes from the engine state
+        state = {**state, **ema_state(step, cfg)}
     return cfg, _checked(state, cfg, step)
 
 
@@ -96,8 +101,14 @@ def chosen_weights(step: Path, weights: str) -> str:
 
 
 def _checked(state: dict, cfg: Config, step: Path) -> dict[str, torch.Tensor]:
-    """fp32 copies, tied output restored, keys and shapes equal to the model the config builds."""
+    """fp32 copies, LoRA adapters merged (unmask.model.lora), tied output restored, keys and shapes equal to the
+    model the config builds."""
     state = {k: v.detach().to(torch.float32) for k, v in state.items() if v is not None and "_extra_state" not in k}
+    if is_lora_state(state):
+        try:
+            state = merge_lora(state, cfg)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {step}: {e}; was it written by this unmask version?") from None
     if cfg.model.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     want = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").state_dict().items()}
@@ -143,7 +154,10 @@ def _rank_state(engine: Path, mp: int, masters: bool = True) -> dict[str, torch.
     full_fp32 = stage < 3 and module and all(v.dtype == torch.float32 for v in module.values())
     if full_fp32 or (module and stage < 3 and not masters):
         return module
-    return _zero_to_fp32(engine, mp)
+    state = _zero_to_fp32(engine, mp)
+    if is_lora_state(module):  # a frozen base has no fp32 master: the module's own values are the ones trained with
+        state = {**{k: v for k, v in module.items() if k not in state}, **state}
+    return state
 
 
 def _zero_to_fp32(engine: Path, mp: int, module_in_layer_files: bool = False) -> dict[str, torch.Tensor]:

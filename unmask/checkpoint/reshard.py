@@ -63,6 +63,10 @@ def check_supported(path: Path, saved: Config, current: Config) -> None:
                                   "load fails in DeepSpeed 0.19; change the data-parallel size under ZeRO 0-2, or "
                                   "resume with the saved world size and stage")
     a, b = saved.parallel.zero_stage, current.parallel.zero_stage
+    if saved.lora.rank and a:  # the universal conversion carries optimizer partitions, not the frozen base weights
+        raise CheckpointError(f"{path}: a LoRA run (lora.rank={saved.lora.rank}) saved with parallel.zero_stage={a} "
+                              "resumes only with the saved number of processes (its frozen base is not in the ZeRO "
+                              "partitions the conversion reads); resume with the saved world size")
     if (a == 0) != (b == 0):
         raise CheckpointError(f"{path} was saved with parallel.zero_stage={a} and this run has {b}: a layout change "
                               "cannot also switch between ZeRO-0 and ZeRO 1-2; keep the saved zero_stage")

@@ -38,7 +38,9 @@ from unmask.parallel import collective
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Keys whose change alters tensor shapes or the meaning of the saved state: refused on resume.
-SHAPE_KEYS = ["model", "diffusion.objective", "train.seq_len", "parallel.tp", "parallel.pp"]
+# lora: the engine state holds adapters of that rank on those modules, scaled by alpha
+SHAPE_KEYS = ["model", "diffusion.objective", "train.seq_len", "parallel.tp", "parallel.pp", "lora.rank", "lora.alpha",
+              "lora.target_modules"]
 
 
 def sha256(path: Path) -> str:

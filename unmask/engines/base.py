@@ -38,7 +38,8 @@ class StepStats:
 @dataclass
 class LocalWeights:
     """This rank's own storage of the trained weights (written in place by the EMA swap) and where it sits in the
-    full model, which is what checkpoint consolidation needs to put per-rank files back together.
+    full model, which is what checkpoint consolidation needs to put per-rank files back together. Frozen parameters
+    (a LoRA run's base) are left out: training never moves them, so their average is themselves.
 
     kind "full": each tensor is this rank's whole (tensor-parallel shard of a) parameter, replicated over the
     data-parallel ranks; "zero3": each tensor is this rank's flat ZeRO-3 partition, `shapes` giving the full shape.

@@ -56,6 +56,15 @@ def whole_model(cfg: Config, device: torch.device, init_state: Mapping | None = 
     return model
 
 
+def with_lora(model: nn.Module, cfg: Config) -> nn.Module:
+    """The model with LoRA adapters injected when lora.rank > 0 (after its weights are in place), else as it is."""
+    if not cfg.lora.rank:
+        return model
+    from unmask.model.lora import add_lora
+
+    return add_lora(model, cfg)
+
+
 def build_engine(cfg: Config, model: nn.Module | None, objective, dims: ParallelDims, device: torch.device,
                  init_state: Mapping | None = None) -> Engine:
     """The engine of `parallel.engine`: local, DeepSpeed ZeRO, or DeepSpeed pipeline stages when pp > 1. With
@@ -63,7 +72,8 @@ def build_engine(cfg: Config, model: nn.Module | None, objective, dims: Parallel
     if cfg.parallel.engine == "local":
         from unmask.engines.local import LocalEngine
 
-        return LocalEngine(model or build_sharded_model(cfg, dims, device, init_state), objective, cfg)
+        return LocalEngine(with_lora(model or build_sharded_model(cfg, dims, device, init_state), cfg), objective,
+                           cfg)
     if dims.pp > 1:
         from unmask.engines.pipeline import PipelineEngine
 

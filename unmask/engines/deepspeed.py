@@ -163,12 +163,16 @@ def build_model_share(cfg: Config, dims: ParallelDims, device: torch.device, ds_
 
 
 def prepare_model(cfg: Config, model: nn.Module, dims: ParallelDims) -> nn.Module:
-    """Tensor parallelism (a no-op on a model built sharded), then activation checkpointing of every block
-    (torchtitan's order). The objective was given the vocab-parallel loss when it was built (engines.build)."""
+    """Tensor parallelism (a no-op on a model built sharded), LoRA adapters (lora.rank > 0; config refuses them
+    with tp > 1), then activation checkpointing of every block (torchtitan's order). The objective was given the
+    vocab-parallel loss when it was built (engines.build)."""
+    from unmask.engines.build import with_lora
+
     if dims.tp > 1:
         from unmask.parallel.tensor import TP_PLAN, apply_tensor_parallel
 
         apply_tensor_parallel(model, TP_PLAN)
+    model = with_lora(model, cfg)
     if cfg.parallel.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -230,7 +234,7 @@ def ds_local_weights(ds, pp_stage: int = 0) -> LocalWeights:
 
     where = {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_stage": pp_stage,
              "dp_rank": ps.get_data_parallel_rank(), "dp": ps.get_data_parallel_world_size()}
-    params = list(ds.module.named_parameters())
+    params = [(n, p) for n, p in ds.module.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     if ds.zero_optimization_stage() == 3:
         return LocalWeights({n: p.ds_tensor.data for n, p in params}, kind="zero3",
                             shapes={n: list(p.ds_shape) for n, p in params}, sync=lambda: zero3_sync(ds), **where)
@@ -269,7 +273,7 @@ class DeepSpeedEngine(DeepSpeedCheckpointing):
         ds_config = deepspeed_config(cfg, dims)
         if model is None:
             model = build_model_share(cfg, dims, device or torch.device("cpu"), ds_config, init_state)
-        prepare_model(cfg, model, dims)
+        model = prepare_model(cfg, model, dims)
         self.ds, self.optimizer, self.scheduler = initialize(cfg, model, ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False)
         self.model = self.ds.module

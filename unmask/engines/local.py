@@ -55,7 +55,7 @@ class LocalEngine:
         return list(values)  # one process is the whole data-parallel group
 
     def local_weights(self) -> LocalWeights:
-        return LocalWeights({n: p.data for n, p in self.model.named_parameters()})
+        return LocalWeights({n: p.data for n, p in self.model.named_parameters() if p.requires_grad})
 
     def save(self, directory: str, tag: str) -> None:
         (Path(directory) / tag).mkdir(parents=True, exist_ok=True)

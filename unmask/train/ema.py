@@ -4,8 +4,10 @@ After update n (counted from 1) the average moves by 1 - decay_n towards the wei
 `decay_n = min(decay, (1 + n) / (10 + n))` (kuleshov-group/mdlm models/ema.py), so early averages are not
 dominated by the random init. The average covers this rank's own storage of the weights (engine.local_weights():
 whole parameters, tensor-parallel shards, pipeline-stage layers or ZeRO-3 partitions), in fp32 on the storage's
-device: no rank ever holds more of the EMA than of the weights. Under bf16 DeepSpeed that storage is the bf16
-module weights, not the optimizer's fp32 masters, so the average is of bf16-rounded weights (kept in fp32).
+device: no rank ever holds more of the EMA than of the weights. Under LoRA only the adapters train, so only they
+are averaged (a checkpoint's EMA weights are its frozen base with the averaged adapters merged in). Under bf16
+DeepSpeed that storage is the bf16 module weights, not the optimizer's fp32 masters, so the average is of
+bf16-rounded weights (kept in fp32).
 
 The checkpoint keeps one file per piece of the average, `ema/tpTT-ppPP-dpDDDDD.pt`, with its layout (what
 unmask.checkpoint.consolidate needs to rebuild the full EMA weights): ZeRO-3 partitions one per data-parallel rank,
