@@ -1,5 +1,6 @@
 """SFT (prompt-masked batches, LLaDA's per-sample loss) trains exactly like one process at DP=2 with ZeRO-2 (with the
-weight EMA), with TP=2 and with PP=2: the prompt mask reaches the objective in every engine and the loss stays layout-free."""
+weight EMA), with TP=2 and with PP=2: the prompt mask reaches the objective in every engine and the loss stays
+layout-free."""
 
 import json
 import os
