@@ -368,8 +368,11 @@ class Config(Section):
 
     @property
     def tokenizer_path(self) -> Path:
-        """The `tokenizer.model` prepare-data writes beside the splits (OUT/train, OUT/tokenizer.model)."""
-        return Path(self.data.train_dir).parent / "tokenizer.model"
+        """The tokenizer prepare-data writes beside the splits: OUT/tokenizer.model, or OUT/tokenizer.json alone when
+        the shards use an imported model's own tokenizer (`prepare-data --tokenizer FOLDER`)."""
+        out = Path(self.data.train_dir).parent
+        spm, hf = out / "tokenizer.model", out / "tokenizer.json"
+        return hf if hf.is_file() and not spm.is_file() else spm
 
     def to_toml(self) -> str:
         return dump_toml(self.model_dump(mode="json", exclude_none=True))

@@ -4,8 +4,7 @@
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from unmask.config import Config, ModelConfig
 from unmask.errors import CheckpointError
@@ -148,6 +147,72 @@ def test_export_round_trip_keeps_qkv_bias(tmp_path):
     torch.testing.assert_close(unmask_logits(fields2, state2, tokens), unmask_logits(fields, state, tokens))
 
 
+def write_corpus(tmp_path, docs: int = 12):
+    rng = torch.Generator().manual_seed(3)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for d in range(docs):
+        ids = torch.randint(4, WORDS, (int(torch.randint(5, 40, (1,), generator=rng)),), generator=rng)
+        (folder / f"{d}.txt").write_text(" ".join(f"w{i}" for i in ids.tolist()))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "llama-tied-full-vocab"])  # spare rows; a row appended
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_data_with_the_imported_tokenizer(tmp_path, name, workers):
+    """`prepare-data --tokenizer FOLDER` writes the checkpoint's tokenizer with <mask> added; its shards carry the
+    special ids --init-from derives, so the run starts from the import; the checkpoint's codec reads it back."""
+    import json
+
+    from unmask.data.prepare import PrepareOptions, prepare_data
+    from unmask.data.shards import read_manifest
+    from unmask.inference import Codec
+
+    folder, _ = save(tmp_path, name)
+    out = tmp_path / "data"
+    prepare_data(PrepareOptions(inputs=[str(write_corpus(tmp_path))], out=out, seq_len=32, tokenizer=folder,
+                                val_fraction=0.3, workers=workers, progress=False))
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
+    fields, state, special = read_folder(folder)
+    manifest = read_manifest(out / "train")
+    assert manifest.special == special and manifest.vocab_size == special.mask + 1 <= fields["vocab_size"]
+    cfg = Config.model_validate({"train": {"seq_len": 32}, "data": {"train_dir": str(out / "train"),
+                                                                     "val_dir": str(out / "val")}})
+    assert cfg.tokenizer_path == out / "tokenizer.json"
+    init_from(folder, cfg)  # refuses shards whose special ids or vocabulary do not fit the model
+    codec = Codec(cfg.tokenizer_path)
+    assert codec.encode("w5 w6 <mask>") == [5, 6, special.mask]
+    assert json.loads((out / "tokenizer_config.json").read_text())["mask_token"] == "<mask>"
+    # the samples are the documents' ids (the first train sample starts with <bos>)
+    from unmask.data.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer(out / "tokenizer.json")
+    text = (tmp_path / "corpus" / "0.txt").read_text()
+    assert tok.encode_batch([text]) == [tok.encode(text)] and tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.slow
+def test_prepare_data_with_the_smollm2_gguf_tokenizer(tmp_path):
+    from unmask.data.prepare import PrepareOptions, prepare_data
+    from unmask.data.shards import read_manifest
+    from unmask.data.special import SpecialTokens
+    from unmask.eval.genppl import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except Exception as e:  # the optional eval extra
+        pytest.skip(str(e))
+    (tmp_path / "a.txt").write_text("Masked diffusion fills in blanks.\n\nTwo  spaces, ünïcödé 漢字 🙂\n" * 20)
+    (tmp_path / "b.txt").write_text("Another document, with other words in it.\n" * 20)
+    out = tmp_path / "data"
+    prepare_data(PrepareOptions(inputs=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], out=out, seq_len=32,
+                                tokenizer=path, val_fraction=0.0, workers=1, progress=False))
+    manifest = read_manifest(out / "train")
+    # the ids the import of the same GGUF uses (test_smollm2_gguf_logits_equal_transformers)
+    assert manifest.special == SpecialTokens(pad=2, unk=0, bos=1, eos=2, mask=49152)
+    assert manifest.vocab_size == 49153
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_logits_equal_transformers(capsys):
     """SmolLM2-135M through transformers' GGUF loader: unmask's causal logits equal transformers' own model's."""
@@ -161,6 +226,7 @@ def test_smollm2_gguf_logits_equal_transformers(capsys):
     fields, state, special = read_folder(path)
     assert fields["n_kv_heads"] == 3 and fields["tie_embeddings"] and fields["rope_theta"] == 100000.0
     assert special.mask == 49152 and fields["vocab_size"] == 49153
+    assert (special.pad, special.unk, special.bos, special.eos) == (2, 0, 1, 2)
     tok = load_tokenizer(path)
     tokens = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Masked diffusion models "
                                       "learn to fill in the blanks of a sentence.")])

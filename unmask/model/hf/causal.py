@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
+from unmask.data.hf_tokenizer import special_of
 from unmask.data.special import SpecialTokens
 from unmask.errors import CheckpointError
 from unmask.model.hf.lazy import LazyState
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-MASK_PIECE = "<mask>"
 
 _LAYER = {  # HF decoder-layer sub-module -> unmask block sub-module
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
@@ -125,18 +125,13 @@ def load_tokenizer(path: str | Path):
 
 
 def special_tokens(tok, rows: int) -> tuple[SpecialTokens, int]:
-    """(special ids, embedding rows after the import) for a tokenizer and a checkpoint of `rows` embedding rows.
-    bos, unk and pad fall back to eos when the tokenizer has none (Qwen2 has no bos, Llama 3 no unk)."""
+    """(special ids, embedding rows after the import) for a tokenizer and a checkpoint of `rows` embedding rows; the
+    ids are those `prepare-data --tokenizer` writes into the shards (unmask.data.hf_tokenizer.special_of)."""
     size = len(tok)
     if size > rows:
         raise CheckpointError(f"the tokenizer has {size} tokens but the checkpoint only {rows} embedding rows")
-    eos = tok.eos_token_id
-    if eos is None:
-        raise CheckpointError("the checkpoint's tokenizer has no eos token; set eos_token in tokenizer_config.json")
-    mask = tok.mask_token_id if tok.mask_token_id is not None else size  # size: first row past the vocabulary
-    ids = {"bos": tok.bos_token_id, "eos": eos, "pad": tok.pad_token_id, "unk": tok.unk_token_id, "mask": mask}
-    special = SpecialTokens.from_dict({k: eos if v is None else v for k, v in ids.items()})
-    return special, max(rows, mask + 1)
+    special = special_of(tok)
+    return special, max(rows, special.mask + 1)
 
 
 def _with_mask_row(rows: int):
