@@ -105,6 +105,24 @@ def test_train_init_from_gives_a_valid_config(tmp_path):
         Config.model_validate({**new.model_dump(), "parallel": {"tp": 2}})
 
 
+def test_sharded_construction_reads_each_tensor_once_and_gives_the_same_logits(tmp_path):
+    """`unmask train --init-from` builds through build_sharded_model (parameter by parameter from the lazy state):
+    the tied, grown embedding is read once and the logits are the eager load's."""
+    from unmask.engines.build import build_sharded_model
+    from unmask.parallel.dims import ParallelDims
+
+    folder, hf = save(tmp_path, "qwen2-biases-tied")
+    cfg = Config.model_validate({"train": {"seq_len": 32}, "diffusion": {"objective": "ar"},
+                                 "data": {"train_dir": str(tmp_path / "none")}})
+    state, fields = init_from(folder, cfg)
+    model = build_sharded_model(with_model(cfg, fields), ParallelDims(), torch.device("cpu"), state)
+    assert state.reads == len(state) - 1  # output.weight is the embeddings' tensor
+    tokens = torch.randint(4, WORDS, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got, want = model.eval()(tokens)[..., :hf.config.vocab_size], hf(tokens).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("change, field", [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
