@@ -42,6 +42,7 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
     tie_embeddings: bool = Field(False, description="share input embedding and output projection")
+    qkv_bias: bool = Field(False, description="biases on the query/key/value projections (Qwen2 checkpoints)")
     time_conditioning: bool = Field(
         False, description="adaLN conditioning on the diffusion time t (MDLM-DiT); off as in LLaDA"
     )
@@ -69,6 +70,8 @@ class ModelConfig(Section):
             raise ValueError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
         if self.kv_heads > self.n_heads or self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
+        if self.arch == "bert" and self.qkv_bias:
+            raise ValueError("qkv_bias is a field of arch='unmask' (Qwen2 imports); BERT blocks always have biases")
         if self.arch == "bert" and (self.time_conditioning or self.kv_heads != self.n_heads):
             raise ValueError("arch='bert' (BERT/RoBERTa blocks) has no time conditioning and no grouped-query "
                              "attention: set time_conditioning=false and leave n_kv_heads unset")
@@ -360,6 +363,9 @@ class Config(Section):
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.model.qkv_bias and self.parallel.tp > 1:
+            raise ValueError(f"model.qkv_bias (a Qwen2 import) has no tensor-parallel layout: set parallel.tp=1 "
+                             f"(got {self.parallel.tp}); ZeRO and pipeline parallelism work")
         if self.diffusion.objective == "bd3lm":
             self._check_block_diffusion()
         if self.lora.rank:
@@ -403,8 +409,11 @@ class Config(Section):
 
     @property
     def tokenizer_path(self) -> Path:
-        """The `tokenizer.model` prepare-data writes beside the splits (OUT/train, OUT/tokenizer.model)."""
-        return Path(self.data.train_dir).parent / "tokenizer.model"
+        """The tokenizer prepare-data writes beside the splits: OUT/tokenizer.model, or OUT/tokenizer.json alone when
+        the shards use an imported model's own tokenizer (`prepare-data --tokenizer FOLDER`)."""
+        out = Path(self.data.train_dir).parent
+        spm, hf = out / "tokenizer.model", out / "tokenizer.json"
+        return hf if hf.is_file() and not spm.is_file() else spm
 
     def to_toml(self) -> str:
         return dump_toml(self.model_dump(mode="json", exclude_none=True))

@@ -28,7 +28,8 @@ class Codec:
             from transformers import PreTrainedTokenizerFast
 
             # tokenizer.json directly: AutoTokenizer would load the folder's remote-code config (and prompt)
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(self.path / "tokenizer.json"))
+            file = self.path if self.path.suffix == ".json" else self.path / "tokenizer.json"
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(file))
             self.encode = lambda text: tok.encode(text, add_special_tokens=False)
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
 

@@ -1,7 +1,7 @@
 """The unmask backbone: a plain-PyTorch bidirectional transformer mapping tokens (and optionally t) to logits.
 
 Architecture choices:
-- pre-norm blocks with RMSNorm, no biases in projections (Llama/LLaDA);
+- pre-norm blocks with RMSNorm, no biases in projections (Llama/LLaDA) except optional q/k/v biases (Qwen2);
 - rotary position embeddings on queries and keys;
 - SwiGLU feed-forward;
 - attention through `scaled_dot_product_attention`, non-causal by default; `causal=True` gives the
@@ -21,7 +21,8 @@ modules from outside (unmask.parallel), and the `<mask>` handling lives in the o
 Projections are separate modules (wq, wk, wv, w1, w3) so tensor parallelism can shard each one.
 
 This file imports only torch and reads its config by attribute (dim, n_layers, n_heads, kv_heads, head_dim,
-ffn_dim, vocab_size, max_seq_len, rope_theta, norm_eps, time_conditioning, cond_dim, init_std, tie_embeddings):
+ffn_dim, vocab_size, max_seq_len, rope_theta, norm_eps, time_conditioning, cond_dim, init_std, tie_embeddings,
+qkv_bias (read with getattr, default False: exports written before it lack it)):
 unmask passes its ModelConfig, the exported model its UnmaskConfig, and the export copies this file unchanged.
 """
 
@@ -66,9 +67,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.causal = causal
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        bias = getattr(cfg, "qkv_bias", False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None,

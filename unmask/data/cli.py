@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seq-len", type=int, default=d.seq_len, help="tokens per packed sample (default %(default)s)")
     a("--tokenizer-type", choices=("bpe", "unigram"), default=d.tokenizer_type,
       help="sentencepiece model type (default %(default)s; bpe trains ~10x faster)")
-    a("--tokenizer", type=Path, default=None, help="reuse this sentencepiece .model instead of training one")
+    a("--tokenizer", type=Path, default=None, help="reuse this sentencepiece .model instead of training one, or use an "
+                                                     "imported model's own tokenizer (HF folder, tokenizer.json or "
+                                                     ".gguf; <mask> is added)")
     a("--jsonl-field", default=d.jsonl_field, help="JSON Lines field holding the text (default %(default)s)")
     a("--format", choices=("text", "chat"), default=d.format,
       help="text: documents for pretraining (default); chat: JSON Lines of conversations ({\"prompt\", "
@@ -55,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
     for m in (result.train, result.val):
         print(f"{m.split}: {m.num_documents} documents, {m.num_samples} samples x {m.seq_len} tokens "
               f"({m.num_tokens} non-padding) in {len(m.shards)} shard(s) -> {m.path}")
-    print(f"tokenizer: {result.out / 'tokenizer.model'} ({result.train.vocab_size} pieces), "
-          f"{result.out / 'tokenizer.json'}")
+    files = [p for p in (result.out / "tokenizer.model", result.out / "tokenizer.json") if p.is_file()]
+    print(f"tokenizer: {', '.join(map(str, files))} ({result.train.vocab_size} pieces)")
     return 0

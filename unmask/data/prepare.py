@@ -3,7 +3,9 @@
 Stages:
 1. scan: read every document once to hash it (train/val split), count its bytes (progress total) and,
    when a tokenizer is to be trained, sample training lines from the train documents;
-2. tokenizer: train one (or copy `--tokenizer`) to OUT/tokenizer.model and export OUT/tokenizer.json;
+2. tokenizer: train one (or copy `--tokenizer`) to OUT/tokenizer.model and export OUT/tokenizer.json; or, for
+   `--tokenizer` an imported model's Hugging Face tokenizer (folder, tokenizer.json, .gguf), write it with `<mask>`
+   added as OUT/tokenizer.json alone (hf_tokenizer.py);
 3. tokenize in a process pool (ordered, with bounded read-ahead), pack and write OUT/train and OUT/val.
 
 `format="chat"` reads JSON Lines of conversations instead (chat.py) and writes SFT shards, one conversation per
@@ -36,7 +38,8 @@ from tqdm import tqdm
 
 from unmask.data import documents as docs_mod
 from unmask.data.chat import DEFAULT_TEMPLATE
-from unmask.data.fsutil import PARTIAL, atomic_write_text, sha256_file
+from unmask.data.fsutil import PARTIAL, atomic_write_text
+from unmask.data.hf_tokenizer import HFTokenizer, adopt_hf_tokenizer, is_hf_source, source_sha256
 from unmask.data.sft import OVERFLOW, conversation_texts, write_sft_splits
 from unmask.data.shards import FORMAT, MANIFEST, Manifest, Packer, SplitWriter, read_manifest, token_dtype
 from unmask.data.tokenizer import Tokenizer, export_hf_tokenizer, sample_lines, train_tokenizer
@@ -54,7 +57,7 @@ class PrepareOptions:
     vocab_size: int = 8192
     seq_len: int = 256
     tokenizer_type: str = "bpe"
-    tokenizer: Path | None = None  # reuse this sentencepiece model instead of training one
+    tokenizer: Path | None = None  # reuse this sentencepiece model, or an imported model's HF tokenizer (hf_tokenizer)
     jsonl_field: str = "text"
     format: str = "text"  # "chat": JSON Lines of conversations -> SFT shards (sft.py)
     sft_overflow: str = "refuse"  # chat: a conversation longer than seq_len is refused, or its response cut
@@ -90,6 +93,7 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
         return PrepareResult(out, read_manifest(out / "train"), read_manifest(out / "val"), already_complete=True)
 
     # 1. scan
+    hf_tok = opts.tokenizer is not None and is_hf_source(opts.tokenizer)
     train_tok = opts.tokenizer is None and not (out / "tokenizer.model").is_file()
     scan = _Scan(opts.val_fraction)
     train_docs = scan.run(_documents(opts, files))
@@ -101,7 +105,12 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
     # 2. tokenizer
     t0 = time.perf_counter()
     model_path = out / "tokenizer.model"
-    if train_tok:
+    if hf_tok:  # the imported model's own tokenizer, <mask> added (no tokenizer.model)
+        if not (out / "tokenizer.json").is_file():
+            adopt_hf_tokenizer(opts.tokenizer, out)
+        model_path = out / "tokenizer.json"
+        tok = HFTokenizer(model_path)
+    elif train_tok:
         tok = train_tokenizer(lines, model_path, vocab_size=opts.vocab_size, model_type=opts.tokenizer_type,
                               seed=opts.seed, num_threads=opts.workers)
     else:
@@ -114,7 +123,8 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
     if not tok.is_lossless_on(probe):
         print(f"warning: tokenizer {model_path} is not lossless (it normalises text); detokenized "
               "documents will differ from the input")
-    export_hf_tokenizer(model_path, out)
+    if not hf_tok:
+        export_hf_tokenizer(model_path, out)
     tokenizer_seconds = time.perf_counter() - t0
 
     # 3. tokenize, pack, write
@@ -137,7 +147,7 @@ def _validate(opts: PrepareOptions) -> None:
         (opts.workers >= 1, f"--workers {opts.workers} must be at least 1"),
         (opts.max_sentences >= 1, f"--max-sentences {opts.max_sentences} must be at least 1"),
         (opts.tokenizer_type in ("bpe", "unigram"), f"--tokenizer-type {opts.tokenizer_type!r}: use bpe or unigram"),
-        (opts.tokenizer is None or Path(opts.tokenizer).is_file(), f"--tokenizer {opts.tokenizer} does not exist"),
+        (opts.tokenizer is None or Path(opts.tokenizer).exists(), f"--tokenizer {opts.tokenizer} does not exist"),
         (opts.format in ("text", "chat"), f"--format {opts.format!r}: use text or chat"),
         (opts.sft_overflow in OVERFLOW, f"--sft-overflow {opts.sft_overflow!r}: use {' or '.join(OVERFLOW)}"),
     ]
@@ -152,7 +162,7 @@ def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
     for f in files:
         st = f.stat()
         inputs.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    tok = sha256_file(opts.tokenizer) if opts.tokenizer else None
+    tok = source_sha256(opts.tokenizer) if opts.tokenizer else None
     settings = dict(
         inputs=inputs, vocab_size=None if tok else opts.vocab_size, seq_len=opts.seq_len,
         tokenizer_type=None if tok else opts.tokenizer_type, tokenizer_sha256=tok, jsonl_field=opts.jsonl_field,
@@ -265,7 +275,8 @@ class _Scan:
         return digest == self.fallback or docs_mod.digest_fraction(digest) < self.val_fraction
 
 
-def _write_splits(opts: PrepareOptions, files: list[Path], tok: Tokenizer, scan: _Scan) -> dict[str, Manifest]:
+def _write_splits(opts: PrepareOptions, files: list[Path], tok: Tokenizer | HFTokenizer,
+                  scan: _Scan) -> dict[str, Manifest]:
     out = Path(opts.out)
     writers = {s: SplitWriter(out / s, split=s, seq_len=opts.seq_len, vocab_size=tok.vocab_size,
                               special=tok.special, tokenizer_sha256=tok.sha256, cross_document=opts.cross_document,
@@ -295,16 +306,19 @@ def _write_splits(opts: PrepareOptions, files: list[Path], tok: Tokenizer, scan:
     return manifests
 
 
-_SP: spm.SentencePieceProcessor | None = None  # one per pool worker process
+_ENCODE = None  # one batch encoder per pool worker process
 
 
 def _init_worker(model_path: str) -> None:
-    global _SP
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
+    global _ENCODE
+    if model_path.endswith(".json"):  # an imported model's tokenizer (hf_tokenizer)
+        _ENCODE = HFTokenizer(model_path).encode_batch
+    else:
+        _ENCODE = spm.SentencePieceProcessor(model_file=model_path).encode
 
 
 def _encode_chunk(texts: list[str], dtype: np.dtype) -> list[tuple[bytes, int, np.ndarray]]:
-    ids = _SP.encode(texts)
+    ids = _ENCODE(texts)
     out = []
     for text, doc_ids in zip(texts, ids, strict=True):
         raw = text.encode("utf-8", "surrogatepass")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from unmask.data.chat import DEFAULT_TEMPLATE, ChatTemplate, Conversation, iter_conversations, render
 from unmask.data.documents import JSONL_SUFFIXES, document_digest
+from unmask.data.hf_tokenizer import HFTokenizer
 from unmask.data.shards import Manifest, SplitWriter, token_dtype
 from unmask.data.special import SpecialTokens
 from unmask.data.tokenizer import Tokenizer
@@ -59,7 +60,7 @@ def conversation_texts(files: list[Path], template: ChatTemplate = DEFAULT_TEMPL
         yield prompt + response
 
 
-def write_sft_splits(out: Path, files: list[Path], tok: Tokenizer, is_val, *, seq_len: int, overflow: str,
+def write_sft_splits(out: Path, files: list[Path], tok: Tokenizer | HFTokenizer, is_val, *, seq_len: int, overflow: str,
                      shard_bytes: int, total_bytes: int, progress: bool,
                      template: ChatTemplate = DEFAULT_TEMPLATE) -> dict[str, Manifest]:
     """Encode every conversation and write OUT/train and OUT/val; `is_val(digest)` is the scan's split.
@@ -75,7 +76,7 @@ def write_sft_splits(out: Path, files: list[Path], tok: Tokenizer, is_val, *, se
     for conv in _conversations(files):
         prompt, response = render(conv, template)
         text = prompt + response
-        p_ids, r_ids = tok.sp.encode([prompt, response])
+        p_ids, r_ids = tok.encode_batch([prompt, response])
         tokens, mask = sft_sample(np.asarray(p_ids, dtype), np.asarray(r_ids, dtype), seq_len=seq_len,
                                   special=tok.special, overflow=overflow, where=conv.where)
         truncated += len(p_ids) + len(r_ids) + 2 > seq_len

@@ -45,6 +45,8 @@ def load_sources(spec: list[tuple[str, float]], *, seq_len: int, model_vocab_siz
         raise DataError(f"data sources mix SFT splits ({', '.join(sft)}) with pretraining ones; their batches differ "
                         "(SFT ones carry a prompt mask): mix only splits of one kind")
     tok = str(tokenizer_path) if tokenizer_path else join(parent(sources[0].location), "tokenizer.model")
+    if not tokenizer_path and not is_url(tok) and not Path(tok).is_file():  # an imported model's tokenizer alone
+        tok = join(parent(sources[0].location), "tokenizer.json")
     if not is_url(tok) and not Path(tok).is_file():
         raise DataError(f"{tok} does not exist; the shards in {sources[0].location} need the tokenizer "
                         "prepare-data wrote")

@@ -68,6 +68,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -126,12 +129,17 @@ def train_tokenizer(
 
 def export_hf_tokenizer(model_path: str | Path, out_dir: str | Path) -> Path:
     """Write `tokenizer.json` (and `tokenizer_config.json`) for Hugging Face into `out_dir`; returns the
-    tokenizer.json path. Ids equal sentencepiece's for BPE models. Two known differences: a literal
+    tokenizer.json path. Ids equal sentencepiece's for BPE models. An imported model's tokenizer.json
+    (`prepare-data --tokenizer FOLDER`, hf_tokenizer.py) is copied as it is. Two known differences: a literal
     "<pad>"/"<bos>"/"<eos>"/"<unk>" in text is parsed as that special token by HF (sentencepiece spells
     it out), and unigram models can split differently where two segmentations score exactly the same.
     """
     from transformers import TokenizersBackend  # slow import, only needed here
 
+    if Path(model_path).suffix == ".json":
+        from unmask.data.hf_tokenizer import copy_hf_tokenizer
+
+        return copy_hf_tokenizer(model_path, out_dir)
     tok = Tokenizer(model_path)  # checks the special ids first
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

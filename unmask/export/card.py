@@ -33,9 +33,10 @@ def _data(cfg) -> list[str]:
     if not manifest.is_file():
         return [f"- training shards: `{cfg.data.train_dir}` (manifest not available at export time)"]
     m = json.loads(manifest.read_text())
+    kind = "sentencepiece" if cfg.tokenizer_path.suffix == ".model" else "the imported model's own (tokenizer.json)"
     return [f"- training shards: `{cfg.data.train_dir}`: {m.get('num_samples')} samples of {m.get('seq_len')} "
             f"tokens ({m.get('num_tokens')} tokens, {m.get('num_documents')} documents)",
-            f"- tokenizer: sentencepiece, vocabulary {m.get('vocab_size')}, sha256 `{m.get('tokenizer_sha256')}`"]
+            f"- tokenizer: {kind}, vocabulary {m.get('vocab_size')}, sha256 `{m.get('tokenizer_sha256')}`"]
 
 
 def _weights(cfg, weights: str) -> str:

@@ -108,8 +108,8 @@ def _sharded_layer(style: str, full: nn.Module, mcfg: ModelParallelConfig) -> nn
     if style == "vocab":
         return VocabParallelEmbedding(full.num_embeddings, full.embedding_dim, init_method=init, config=mcfg)
     if full.bias is not None:
-        raise ValueError(f"tensor parallelism of {type(full).__name__} with a bias is not supported; "
-                         "unmask's projections have bias=False")
+        raise ValueError(f"tensor parallelism of {type(full).__name__} with a bias is not supported (model.qkv_bias = "
+                         "true, a Qwen2 import, puts biases on wq/wk/wv): train it with parallel.tp = 1")
     if style == "column":
         return _Column(full.in_features, full.out_features, config=mcfg, init_method=init, bias=False,
                        gather_output=False)

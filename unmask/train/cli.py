@@ -12,8 +12,9 @@ ACCEPTS_OVERRIDES = True
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--init-from", metavar="HF_DIR",
-                   help="start from the weights of an `unmask export` folder or a BERT/RoBERTa *ForMaskedLM folder "
-                        "(its architecture replaces [model]; optimizer and data start fresh)")
+                   help="start from the weights of an `unmask export` folder, a BERT/RoBERTa *ForMaskedLM folder, or "
+                        "a Llama/Mistral/Qwen2 *ForCausalLM folder or .gguf file (its architecture replaces [model]; "
+                        "optimizer and data start fresh)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
 

@@ -1,7 +1,8 @@
 """`unmask train ... --init-from HF_DIR`: start a run from the weights of a Hugging Face folder.
 
-The folder is an `unmask export` (continue pretraining or fine-tune) or a BERT/RoBERTa `*ForMaskedLM` (turned
-into a diffusion LM by training it with the masked-diffusion objective). The folder fixes the architecture: its
+The folder is an `unmask export` (continue pretraining or fine-tune), a BERT/RoBERTa `*ForMaskedLM`, or a
+Llama/Mistral/Qwen2 causal LM folder or GGUF file (unmask.model.hf.causal), the last two turned into diffusion LMs by
+training them with a diffusion objective. The folder fixes the architecture: its
 model fields replace the run's `[model]` section; everything else (objective, data, optimizer) is the run's.
 Optimizer state, data position and step counters start fresh; a run that resumes from its own checkpoint
 ignores the folder (the checkpoint's weights are newer).
@@ -53,24 +54,29 @@ def _read_unmask(folder: Path, config: dict) -> tuple[dict, LazyState, SpecialTo
 
 
 def read_folder(hf_dir: str | Path) -> tuple[dict, Mapping[str, torch.Tensor], SpecialTokens]:
-    """(ModelConfig fields, plain fp32 state, special tokens) of an unmask export or a BERT/RoBERTa MLM. An
+    """(ModelConfig fields, plain fp32 state, special tokens) of an unmask export, a BERT/RoBERTa MLM or a
+    Llama-family causal LM (a folder or a .gguf file; see unmask.model.hf.causal). An
     export's state is a `LazyState` (each tensor read when asked for); a BERT/RoBERTa one is a dict, since
     transformers resolves its tying and legacy names by loading the model whole (and unmask's BERT family is
     built whole anyway: it has no per-parameter rule)."""
     from unmask.model.hf.adapter import from_bert, from_roberta
+    from unmask.model.hf.causal import ARCHITECTURES, from_causal_lm
 
     folder = Path(hf_dir)
+    if folder.suffix == ".gguf":
+        return from_causal_lm(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"--init-from {folder}: no config.json there; pass a folder written by `unmask "
-                              "export` or by save_pretrained of a BERT/RoBERTa masked LM")
+                              "export` or by save_pretrained of a BERT/RoBERTa masked LM or a Llama/Mistral/Qwen2 "
+                              "causal LM, or a .gguf file")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-export the folder") from None
     kind = config.get("model_type")
     readers = {"unmask": lambda: _read_unmask(folder, config), "roberta": lambda: from_roberta(folder),
-               "bert": lambda: from_bert(folder)}
+               "bert": lambda: from_bert(folder), **{k: lambda: from_causal_lm(folder) for k in ARCHITECTURES}}
     if kind not in readers:
         raise CheckpointError(f"--init-from {folder}: model_type {kind!r} has no adapter; supported: "
                               f"{sorted(readers)}")

@@ -8,7 +8,7 @@ the safetensors file and reads that tensor alone. `load_into` is `load_state_dic
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -17,10 +17,16 @@ from torch import nn
 
 class LazyState(Mapping):
     """Plain key -> fp32 tensor, read from `sources[key] = (file, key in the file)` when asked for. `reads`
-    counts the tensors read (tests check that nothing is read twice or ahead of time)."""
+    counts the tensors read (tests check that nothing is read twice or ahead of time). `transforms[key]` maps a
+    tensor after reading (an imported causal LM's embeddings gain their `<mask>` row there) and `grown[key]` says
+    how many rows it adds, so `shape` stays a header read."""
 
-    def __init__(self, sources: dict[str, tuple[Path, str]]):
+    def __init__(self, sources: dict[str, tuple[Path, str]],
+                 transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                 grown: dict[str, int] | None = None):
         self.sources = sources
+        self.transforms = transforms or {}
+        self.grown = grown or {}
         self.reads = 0
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -30,7 +36,8 @@ class LazyState(Mapping):
         with safe_open(str(file), framework="pt") as f:
             tensor = f.get_tensor(stored)
         self.reads += 1
-        return tensor.to(torch.float32)
+        tensor = tensor.to(torch.float32)
+        return self.transforms[key](tensor) if key in self.transforms else tensor
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
         return key in self.sources
@@ -47,7 +54,8 @@ class LazyState(Mapping):
 
         file, stored = self.sources[key]
         with safe_open(str(file), framework="pt") as f:
-            return list(f.get_slice(stored).get_shape())
+            shape = list(f.get_slice(stored).get_shape())
+        return [shape[0] + self.grown.get(key, 0), *shape[1:]]
 
 
 @torch.no_grad()
