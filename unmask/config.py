@@ -51,6 +51,10 @@ class ModelConfig(Section):
     arch: Literal["unmask", "bert"] = Field(
         "unmask", description="unmask: the blocks above; bert: post-LN BERT/RoBERTa encoder (imported MLMs)"
     )
+    shift_logits: bool = Field(
+        False, description="AR -> diffusion adaptation (Dream, DiffuLLaMA): the logits of position i come from the "
+        "hidden state of i-1, so an imported causal LM's head keeps predicting the next token; position 0 reads its "
+        "own. Training, sampling, eval and the export all read the network through it")
 
     @model_validator(mode="before")
     @classmethod
@@ -72,6 +76,9 @@ class ModelConfig(Section):
             raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
         if self.arch == "bert" and self.qkv_bias:
             raise ValueError("qkv_bias is a field of arch='unmask' (Qwen2 imports); BERT blocks always have biases")
+        if self.arch == "bert" and self.shift_logits:
+            raise ValueError("shift_logits adapts a causal LM (arch='unmask', `--init-from` a Llama-family model); "
+                             "BERT/RoBERTa MLMs already predict each position from itself: set shift_logits=false")
         if self.arch == "bert" and (self.time_conditioning or self.kv_heads != self.n_heads):
             raise ValueError("arch='bert' (BERT/RoBERTa blocks) has no time conditioning and no grouped-query "
                              "attention: set time_conditioning=false and leave n_kv_heads unset")
@@ -117,6 +124,10 @@ class DiffusionConfig(Section):
         False, description="instruction tuning (SFT) on a split of `prepare-data --format chat`: prompt tokens are "
         "never masked and carry no loss, and each sample's loss is divided by its answer length, then averaged "
         "over samples (LLaDA's SFT loss); required by SFT splits and refused on pretraining ones")
+    anneal_steps: int = Field(
+        0, ge=0, description="AR -> diffusion adaptation (DiffuLLaMA): training attention is the causal mask OR-ed "
+        "with Bernoulli(r) noise, r = step / anneal_steps, one mask per step shared by the batch; full attention "
+        "from step anneal_steps on. 0: full attention from the start (RND1). Validation always attends fully")
     sft_eos_padding: Literal["all", "first", "none"] = Field(
         "all", description="SFT: which <eos> of a response (the one ending the answer, then the padding to seq_len) "
         "carry loss and count in the answer length. all: every one (LLaDA; the model learns where answers end and "
@@ -370,7 +381,26 @@ class Config(Section):
             self._check_block_diffusion()
         if self.lora.rank:
             self._check_lora()
+        self._check_adaptation()
         return self
+
+    def _check_adaptation(self) -> None:
+        d, p = self.diffusion, self.parallel
+        if self.model.shift_logits and d.objective != "mdlm":
+            raise ValueError(f"model.shift_logits adapts a causal LM to masked diffusion (objective = \"mdlm\"); "
+                             f"diffusion.objective={d.objective!r} reads the network unshifted: set "
+                             "model.shift_logits=false or diffusion.objective=\"mdlm\"")
+        if d.anneal_steps and d.objective != "mdlm":
+            raise ValueError(f"diffusion.anneal_steps={d.anneal_steps} anneals masked diffusion's attention from "
+                             f"causal to full; diffusion.objective={d.objective!r} has its own fixed attention: set "
+                             "diffusion.anneal_steps=0")
+        if d.anneal_steps and self.model.arch != "unmask":
+            raise ValueError(f"diffusion.anneal_steps={d.anneal_steps} needs the unmask backbone's attention mask "
+                             f"input; model.arch={self.model.arch!r} has none: set diffusion.anneal_steps=0")
+        if d.anneal_steps and p.pp > 1:
+            raise ValueError(f"diffusion.anneal_steps={d.anneal_steps}: pipeline stages do not carry the annealed "
+                             f"attention mask (parallel.pp={p.pp}): anneal with pp=1 (tensor parallelism and ZeRO "
+                             "work), then continue with pp > 1, or set diffusion.anneal_steps=0")
 
     def _check_lora(self) -> None:
         p = self.parallel

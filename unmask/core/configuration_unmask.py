@@ -17,13 +17,14 @@ class UnmaskConfig(PretrainedConfig):
     def __init__(self, arch="unmask", dim=256, n_layers=4, n_heads=4, n_kv_heads=None, ffn_dim=768, vocab_size=4096,
                  max_seq_len=1024, rope_theta=10000.0, norm_eps=1e-5, time_conditioning=False, cond_dim=128,
                  init_std=0.02, causal=False, tie_word_embeddings=False, mask_token_id=4, noise_schedule="loglinear",
-                 sampler=None, block_size=0, qkv_bias=False, **kwargs):
+                 sampler=None, block_size=0, qkv_bias=False, shift_logits=False, **kwargs):
         self.arch, self.dim, self.n_layers, self.n_heads = arch, dim, n_layers, n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.ffn_dim, self.vocab_size, self.max_seq_len = ffn_dim, vocab_size, max_seq_len
         self.rope_theta, self.norm_eps, self.init_std = rope_theta, norm_eps, init_std
         self.time_conditioning, self.cond_dim = time_conditioning, cond_dim
         self.qkv_bias = qkv_bias  # q/k/v projection biases (a Qwen2 import)
+        self.shift_logits = shift_logits  # an adapted causal LM: position i's logits come from hidden state i-1
         self.causal = causal  # the autoregressive baseline's attention; masked diffusion is bidirectional
         self.block_size = block_size  # block diffusion (BD3-LM): attention causal across blocks of this size; 0: none
         self.mask_token_id = mask_token_id

@@ -94,6 +94,9 @@ class BlockCache:
 
     def __init__(self, model, mode: str, refresh: int):
         self.model, self.mode, self.refresh = model, mode, refresh
+        # A shifted model (AR adaptation) reads position i's logits from hidden i-1: a re-run span starts one
+        # position early so its first position has its predecessor, whose logits are then dropped.
+        self.lead = int(bool(getattr(model, "shift_logits", False)))
         self.span: tuple[int, int] | None = None
         self.since_full: int | None = None  # calls since the last full forward; None: none in this block
         self.kv = KVCache()
@@ -113,7 +116,9 @@ class BlockCache:
             return self.model(tokens, *t, kv=self.kv.append()), 0
         start, stop = self.span
         self.since_full += 1
-        return self.model(tokens[:, start:stop], *t, kv=self.kv.splice(start)), start
+        lead = min(self.lead, start)
+        logits = self.model(tokens[:, start - lead:stop], *t, kv=self.kv.splice(start - lead))
+        return logits[:, lead:], start
 
 
 class FinishedBlocks:

@@ -12,6 +12,13 @@ Architecture choices:
 - optional tied input/output embeddings;
 - optional adaLN-zero time conditioning (MDLM's DiT); off by default, as in LLaDA, since masked
   diffusion needs no time input (the mask count carries it);
+- optional shifted logits (`shift_logits`, AR -> diffusion adaptation as in Dream/DiffuLLaMA): the logits of
+  position i come from hidden state i-1, so an imported causal LM's head keeps predicting the next token; position 0
+  reads its own (Dream's cat([logits[:, :1], logits[:, :-1]])). Applied here, in `head`, rather than outside the
+  network as Dream does: the objective, every sampler, eval, the pipeline's head stage and the export then read the
+  same logits with no second copy of the rule;
+- an optional attention mask for training (`attn_mask`, [L, L] bool shared by the batch), which the adaptation
+  objective anneals from causal to full (DiffuLLaMA); the network knows nothing of the schedule;
 - an optional `kv` cache argument (kv_cache.KVCache) for the samplers: a forward of a slice of the positions
   attends to keys/values kept from earlier forwards. Training never passes one; without it the forward is the
   plain one.
@@ -22,7 +29,7 @@ Projections are separate modules (wq, wk, wv, w1, w3) so tensor parallelism can 
 
 This file imports only torch and reads its config by attribute (dim, n_layers, n_heads, kv_heads, head_dim,
 ffn_dim, vocab_size, max_seq_len, rope_theta, norm_eps, time_conditioning, cond_dim, init_std, tie_embeddings,
-qkv_bias (read with getattr, default False: exports written before it lack it)):
+qkv_bias and shift_logits (read with getattr, default False: exports written before them lack them)):
 unmask passes its ModelConfig, the exported model its UnmaskConfig, and the export copies this file unchanged.
 """
 
@@ -179,6 +186,11 @@ class Transformer(nn.Module):
         if causal and block_size:
             raise ValueError("a model is either causal or block-causal (block diffusion), not both")
         self.cfg, self.causal, self.block_size = cfg, causal, block_size
+        self.shift_logits = bool(getattr(cfg, "shift_logits", False))
+        if self.shift_logits and (causal or block_size):
+            raise ValueError("shift_logits reads a masked-diffusion model's head one position late (AR adaptation); "
+                             "a causal or block-diffusion model reads it unshifted: build it with causal=False and "
+                             "block_size=0, or set shift_logits=False")
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.time_embedding = TimeEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
         self.layers = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
@@ -215,17 +227,28 @@ class Transformer(nn.Module):
         return cos[offset:], sin[offset:], mask
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and vocabulary projection: [B, L, D] -> logits [B, L, V]."""
-        return self.output(self.norm(h))
+        """Final norm and vocabulary projection: [B, L, D] -> logits [B, L, V]; under `shift_logits` the logits of
+        position i are hidden i-1's (position 0 keeps its own). A slice that starts past position 0 (a KV-cached
+        forward) has no hidden state before its first position: its first logits are its own, and callers that
+        need them run one position earlier (kv_cache.BlockCache does)."""
+        logits = self.output(self.norm(h))
+        if getattr(self, "shift_logits", False):  # getattr: the pipeline's head stage borrows this method
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
 
     def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, kv=None,
-                clean: torch.Tensor | None = None) -> torch.Tensor:
+                clean: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V].
 
         kv (kv_cache.KVCache, samplers only): tokens are positions [kv.offset, kv.offset + L) of a longer sequence
         whose other positions' keys/values the cache holds.
         clean (block diffusion's training pass): the clean tokens x_0 [B, L] of the noised `tokens`; the network
-        runs on both side by side and returns the logits of `tokens`."""
+        runs on both side by side and returns the logits of `tokens`.
+        attn_mask (training only): [L, L] bool, True where a query may attend a key, for every sample of the batch;
+        it replaces the model's own full attention (the adaptation objective's annealed mask)."""
+        if attn_mask is not None and (kv is not None or clean is not None or self.causal or self.block_size):
+            raise ValueError("attn_mask replaces a full-attention model's mask in a plain training forward; this call "
+                             "has a KV cache, clean tokens or a causal/block model: pass attn_mask=None")
         if clean is not None:
             if not self.block_size:
                 raise ValueError("clean= is block diffusion's training pass: build the model with block_size > 0")
@@ -236,6 +259,7 @@ class Transformer(nn.Module):
             return self.head(h[:, : tokens.shape[1]])
         h, cond = self.embed(tokens, t)
         cos, sin, mask = self.layout(tokens.shape[1], h.device, offset=0 if kv is None else kv.offset)
+        mask = mask if attn_mask is None else attn_mask
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cond, None if kv is None else kv.layer(i), mask)
         return self.head(h)

@@ -80,6 +80,7 @@ class _HeadLayer(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.norm, self.output, self.block_size = model.norm, model.output, model.block_size
+        self.shift_logits = model.shift_logits  # Transformer.head reads it: the same shifted logits as one process
 
     def forward(self, x) -> torch.Tensor:
         h = _split(x)[0]

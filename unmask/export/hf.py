@@ -79,6 +79,7 @@ def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
         arch=m.arch, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads, ffn_dim=m.ffn_dim,
         vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
         time_conditioning=m.time_conditioning, cond_dim=m.cond_dim, init_std=m.init_std, qkv_bias=m.qkv_bias,
+        shift_logits=m.shift_logits,
         causal=cfg.causal, block_size=cfg.block_size, tie_word_embeddings=m.tie_embeddings, mask_token_id=special.mask,
         pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos, unk_token_id=special.unk,
         noise_schedule=cfg.diffusion.schedule, sampler=sampler)

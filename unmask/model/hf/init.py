@@ -109,7 +109,8 @@ def with_model(cfg: Config, fields: dict) -> Config:
     from unmask.config import describe
 
     data = cfg.model_dump()
-    data["model"] = dict(fields)
+    # shift_logits is how the run reads the network (AR adaptation), not a property of the source's weights: kept.
+    data["model"] = {**fields, "shift_logits": cfg.model.shift_logits}
     try:
         return Config.model_validate(data)
     except ValidationError as e:
