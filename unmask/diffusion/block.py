@@ -27,7 +27,7 @@ class BlockDiffusion(MaskedDiffusion):
         super().__init__(cfg, mask_id, pad_id, seed, time_conditioned=False, nll=nll)
         self.block_size = cfg.block_size
 
-    def network(self, model, inputs: tuple) -> torch.Tensor:
+    def network(self, model, inputs: tuple, attention: torch.Tensor | None = None) -> torch.Tensor:
         xt, x0 = inputs
         return model(xt, clean=x0)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from unmask.config import DiffusionConfig
 from unmask.core.schedule import get_schedule
+from unmask.diffusion.anneal import anneal_mask
 from unmask.diffusion.noise import BatchKey, mix, per_sample_uniforms, step_generator
 
 TIME_STREAM = 0x71  # seed offset of the per-sample time draws, apart from the mask draws seeded by (seed, step, i)
@@ -36,6 +37,7 @@ class LossOutput:
 class Corrupted:
     inputs: tuple  # positional arguments of the network: (xt,) or (xt, t)
     targets: tuple[torch.Tensor, ...]  # what loss_from_logits needs; tensors only (pipeline-safe)
+    attention: torch.Tensor | None = None  # [L, L] bool training attention for the whole batch; None: the model's own
 
 
 NLL = Callable[..., torch.Tensor]  # (logits [N, V], targets [N], suppress: int | None = None) -> nll [N]
@@ -86,11 +88,11 @@ class MaskedDiffusion:
 
     def loss(self, model, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> LossOutput:
         c = self.corrupt(x0, key, prompt_mask)
-        return self.loss_from_logits(self.network(model, c.inputs), c.targets)
+        return self.loss_from_logits(self.network(model, c.inputs, c.attention), c.targets)
 
-    def network(self, model, inputs: tuple) -> torch.Tensor:
-        """The network's logits for `Corrupted.inputs`."""
-        return model(*inputs)
+    def network(self, model, inputs: tuple, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's logits for `Corrupted.inputs` (under the annealed `attention` mask when there is one)."""
+        return model(*inputs) if attention is None else model(*inputs, attn_mask=attention)
 
     def time_draws(self, length: int) -> int:
         """Independent times (or counts) per sample of `length` tokens: one for the whole sequence."""
@@ -112,9 +114,13 @@ class MaskedDiffusion:
         if self.cfg.estimator == "exact_count":
             if self.cfg.clip is not None:  # BD3-LM's clipped schedule: masked shares in [lo, hi)
                 frac = self.cfg.clip[0] + (self.cfg.clip[1] - self.cfg.clip[0]) * frac
-            return self._scored(self._mask_count(x0, frac, u, prompt_mask), prompt_mask)
-        # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
-        return self._scored(self._mask(x0, self.time_of(frac, self.cfg.clip), u, prompt_mask), prompt_mask)
+            c = self._scored(self._mask_count(x0, frac, u, prompt_mask), prompt_mask)
+        else:
+            # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
+            c = self._scored(self._mask(x0, self.time_of(frac, self.cfg.clip), u, prompt_mask), prompt_mask)
+        # 4. AR adaptation (DiffuLLaMA): attention annealed from causal to full over the first anneal_steps steps.
+        attention = anneal_mask(self.seed, key.step, L, self.cfg.anneal_steps) if self.cfg.anneal_steps else None
+        return c if attention is None else Corrupted(c.inputs, c.targets, attention.to(x0.device))
 
     def fractions(self, key: BatchKey, batch: int, draws: int = 1) -> torch.Tensor:
         """Stratified U[0, 1) draws [B, draws] (float64), the same for a sample in any layout; a sample's `draws`
@@ -187,19 +193,19 @@ class MaskedDiffusion:
 
     def loss_from_logits(self, logits: torch.Tensor, targets: tuple) -> LossOutput:
         x0, masked, weight, counts = targets
-        # 4. Only masked positions carry loss (SUBS: visible tokens are copied, mask logit is -inf): [N].
+        # 5. Only masked positions carry loss (SUBS: visible tokens are copied, mask logit is -inf): [N].
         nll = self.nll(logits[masked], x0[masked], suppress=self.mask_id)
-        # 5. ELBO weight of each masked token (w(t), or n/k, of its sample or block): [N].
+        # 6. ELBO weight of each masked token (w(t), or n/k, of its sample or block): [N].
         weighted = nll * token_weights(weight, x0)[masked]
         num_tokens = int(counts.sum())
         if self.cfg.prompt_conditioned:
-            # 6. SFT, LLaDA's normalisation (GUIDELINES.md): each sample's sum divided by its answer length (the
+            # 7. SFT, LLaDA's normalisation (GUIDELINES.md): each sample's sum divided by its answer length (the
             # counted response tokens, <eos> padding per sft_eos_padding), then the mean over samples. Short and
             # long answers weigh the same, whatever the batch holds; the mean over samples is layout-independent.
             per_token_len = counts[:, None].expand_as(x0)[masked].clamp_min(1)  # [N]
             loss = (weighted / per_token_len).sum() / x0.shape[0]
         else:
-            # 6. Normalise per maskable (non-pad) token of the batch.
+            # 7. Normalise per maskable (non-pad) token of the batch.
             loss = weighted.sum() / max(num_tokens, 1)
         return LossOutput(loss, num_tokens, {"mask_rate": float(masked.sum()) / max(num_tokens, 1)})
 
