@@ -1,6 +1,7 @@
 """An exported folder, loaded by transformers alone in a fresh interpreter (no unmask importable), gives unmask's
 logits and unmask's samples for the same seed: ancestral, remask and threshold, caching (and, in process, the KV
-cache), blocks, top-k/top-p, guidance, stop_at_eos, both schedules and both architecture families."""
+cache), blocks, top-k/top-p, guidance, stop_at_eos, both schedules, both architecture families and an adapted
+(shifted) causal LM."""
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ MODELS = {  # name -> (model variant, noise schedule)
     "time-conditioned": ({"time_conditioning": True}, "loglinear"),
     "gqa-tied-cosine": ({"n_kv_heads": 1, "tie_embeddings": True}, "cosine"),
     "bert": ({"arch": "bert", "n_kv_heads": None, "tie_embeddings": True}, "loglinear"),
+    "shifted": ({"shift_logits": True, "n_kv_heads": 2}, "loglinear"),  # an adapted causal LM (Dream's shift)
 }
 
 
@@ -75,7 +77,10 @@ def test_fresh_interpreter_gives_unmask_logits_and_hidden_states(fresh, name):
         torch.testing.assert_close(got["logits"], ours, atol=1e-5, rtol=0)
         # AutoModel's hidden states are those just before the vocabulary projection (bert: before its MLM head).
         hidden = model.head(got["hidden"]) if cfg.model.arch == "bert" else got["hidden"]
-        torch.testing.assert_close(model.output(hidden), ours, atol=1e-5, rtol=0)
+        logits = model.output(hidden)
+        if cfg.model.shift_logits:  # hidden states stay per position; the shift is the head's reading of them
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        torch.testing.assert_close(logits, ours, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", MODELS)
