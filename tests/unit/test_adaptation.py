@@ -144,3 +144,15 @@ def test_samplers_fill_every_mask_of_a_shifted_model(options):
         assert not (out.tokens == sp.mask).any()
         fixed = template != sp.mask
         assert torch.equal(out.tokens[fixed], template[fixed])
+
+
+def test_the_pipeline_stages_give_the_shifted_logits_of_one_process():
+    from unmask.engines.pipeline import _BlockLayer, _EmbedLayer, _HeadLayer
+
+    model = shifted_model()
+    tokens = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = _EmbedLayer(model)(tokens)
+        for block in model.layers:
+            x = _BlockLayer(block, model)(x)
+        torch.testing.assert_close(_HeadLayer(model)(x), model(tokens), atol=1e-6, rtol=0)
