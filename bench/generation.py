@@ -9,7 +9,8 @@ block sizes 4 and 16 trained here with the same settings, and a student distille
 
 Every row samples `--samples` unconditional sequences of 128 positions (<bos> then 127 generated) in one batch, per
 seed; tokens/s is generated tokens over the sampling wall time (one thread, after a warm-up), generative perplexity
-is SmolLM2-135M's (the eval extra) on the decoded texts. Figures are mean +- standard deviation over the seeds.
+is SmolLM2-135M's (the eval extra) on the decoded texts, beside the samples' unigram entropy (bits; a sampler that
+repeats itself scores a low perplexity and a low entropy). Figures are mean +- standard deviation over the seeds.
 
     python bench/generation.py                 # trains what is missing (~40 min on 2 cores), then the table
     python bench/generation.py --seeds 0 1 2 --samples 32
@@ -123,12 +124,13 @@ def main() -> None:
         run, knobs = ROWS[row]
         knobs = dict(knobs)
         steps = knobs.pop("steps")
-        samples_at(loaded[run], min(steps, 4), None, num_samples=2, length=LENGTH, **knobs)  # warm-up, untimed
+        samples_at(loaded[run], min(steps, 128), None, num_samples=2, length=LENGTH, **knobs)  # warm-up, untimed
         got = [samples_at(loaded[run], steps, judge, num_samples=args.samples, length=LENGTH, seed=s, **knobs)
                for s in args.seeds]
         results[row] = got
+        entropy = spread([g["unigram_entropy"] for g in got], ".2f")
         print(f"  {row}: {spread([g['tokens_per_s'] for g in got])} tok/s, NFE {spread([g['nfe'] for g in got])}, "
-              f"gen PPL {spread([g['gen_ppl'] for g in got])}", flush=True)
+              f"gen PPL {spread([g['gen_ppl'] for g in got])}, entropy {entropy}", flush=True)
     table(results)
     print("\ncommand: python bench/generation.py " + " ".join(sys.argv[1:]))
 
@@ -136,15 +138,17 @@ def main() -> None:
 def table(results: dict) -> None:
     ar = results.get("AR, KV cache")
     ar_speed = statistics.mean(g["tokens_per_s"] for g in ar) if ar else None
-    print("\n| setting | NFE | tokens/s | vs AR | gen PPL (SmolLM2) | vs own 1024-step |\n|---|---|---|---|---|---|")
+    print("\n| setting | NFE | tokens/s | vs AR | gen PPL (SmolLM2) | vs own 1024-step | unigram entropy |\n"
+          "|---|---|---|---|---|---|---|")
     for row, got in results.items():
         speed = [g["tokens_per_s"] for g in got]
         ppl = [g["gen_ppl"] for g in got]
         own = results.get(OWN_REFERENCE.get(ROWS[row][0], ""))
         ratio = f"{statistics.mean(ppl) / statistics.mean(g['gen_ppl'] for g in own):.2f}" if own else "-"
         vs_ar = f"{statistics.mean(speed) / ar_speed:.2f}x" if ar_speed else "-"
+        entropy = spread([g["unigram_entropy"] for g in got], ".2f")
         print(f"| {row} | {spread([g['nfe'] for g in got], '.0f')} | {spread(speed)} | {vs_ar} | {spread(ppl, '.0f')} "
-              f"| {ratio} |")
+              f"| {ratio} | {entropy} |")
 
 
 if __name__ == "__main__":
