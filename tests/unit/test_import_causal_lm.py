@@ -1,6 +1,8 @@
 """Llama/Mistral/Qwen2 causal LMs imported into the unmask backbone give the source's logits under a causal mask
 (small random configs saved locally; SmolLM2-135M from its GGUF in the slow test)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -209,17 +211,24 @@ def test_prepare_data_with_the_imported_tokenizer(tmp_path, name, workers):
     assert tok.encode_batch([text]) == [tok.encode(text)] and tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.slow
-def test_prepare_data_with_the_smollm2_gguf_tokenizer(tmp_path):
-    from unmask.data.prepare import PrepareOptions, prepare_data
-    from unmask.data.shards import read_manifest
-    from unmask.data.special import SpecialTokens
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M's GGUF file from the eval extra (skips where that optional extra is not installed)."""
     from unmask.eval.genppl import smollm2_path
 
     try:
-        path = smollm2_path()
-    except Exception as e:  # the optional eval extra
+        return smollm2_path()
+    except Exception as e:  # noqa: BLE001 - any failure to find the optional extra
         pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_prepare_data_with_the_smollm2_gguf_tokenizer(tmp_path, smollm2_gguf):
+    from unmask.data.prepare import PrepareOptions, prepare_data
+    from unmask.data.shards import read_manifest
+    from unmask.data.special import SpecialTokens
+
+    path = smollm2_gguf
     (tmp_path / "a.txt").write_text("Masked diffusion fills in blanks.\n\nTwo  spaces, ünïcödé 漢字 🙂\n" * 20)
     (tmp_path / "b.txt").write_text("Another document, with other words in it.\n" * 20)
     out = tmp_path / "data"
@@ -232,15 +241,11 @@ def test_prepare_data_with_the_smollm2_gguf_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_logits_equal_transformers(capsys):
+def test_smollm2_gguf_logits_equal_transformers(capsys, smollm2_gguf):
     """SmolLM2-135M through transformers' GGUF loader: unmask's causal logits equal transformers' own model's."""
-    from unmask.eval.genppl import smollm2_path
     from unmask.model.hf.causal import load_tokenizer
 
-    try:
-        path = smollm2_path()
-    except Exception as e:  # the optional eval extra
-        pytest.skip(str(e))
+    path = smollm2_gguf
     fields, state, special = read_folder(path)
     assert fields["n_kv_heads"] == 3 and fields["tie_embeddings"] and fields["rope_theta"] == 100000.0
     assert special.mask == 49152 and fields["vocab_size"] == 49153
