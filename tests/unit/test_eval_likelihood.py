@@ -76,3 +76,27 @@ def test_ratio_stderr_matches_the_spread_of_resampled_means():
 def test_no_batches_is_a_clear_error():
     with pytest.raises(EvalError, match="no batches"):
         evaluate_likelihood(Uniform(), Autoregressive(PAD), [])
+
+
+class Peeking(torch.nn.Module):
+    """Predicts token `right` everywhere, and puts most weight on the mask id (which scoring must never pick)."""
+
+    def __init__(self, right, mask_weight=9.0):
+        super().__init__()
+        self.right, self.mask_weight = right, mask_weight
+
+    def forward(self, x, t=None):
+        logits = torch.zeros(*x.shape, V)
+        logits[..., MASK] = self.mask_weight
+        logits[..., self.right] = 5.0
+        return logits
+
+
+def test_top1_accuracy_counts_masked_predictions_and_never_the_mask_token():
+    x = batches(2)
+    x[0][:, :] = 7  # batch 0: every token is 7, so a model that always says 7 is right on every masked token
+    obj = MaskedDiffusion(DiffusionConfig(), MASK, PAD)
+    assert evaluate_likelihood(Peeking(7), obj, x[:1], time_samples=4).accuracy == 1.0
+    assert evaluate_likelihood(Peeking(7), obj, x[1:], time_samples=4).accuracy < 0.1  # tokens uniform on 5..49
+    ar = evaluate_likelihood(Peeking(7, mask_weight=0.0), Autoregressive(PAD), x[:1])  # AR has no mask
+    assert ar.accuracy == 1.0 and ar.nats_per_byte is None

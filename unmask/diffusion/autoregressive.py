@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from unmask.diffusion.noise import BatchKey
-from unmask.diffusion.objective import NLL, Corrupted, EvalTerms, LossOutput, dense_nll
+from unmask.diffusion.objective import NLL, Corrupted, EvalTerms, LossOutput, dense_nll, top1_hits
 
 
 class Autoregressive:
@@ -33,12 +33,15 @@ class Autoregressive:
         return self.loss_from_logits(model(*c.inputs), c.targets)
 
     @torch.no_grad()
-    def eval_terms(self, model, x0, time_samples: int = 1, seed: int = 0) -> EvalTerms:
-        """Exact NLL summed per sequence [B] and predicted-token counts [B]; no randomness, so no variance."""
+    def eval_terms(self, model, x0, time_samples: int = 1, seed: int = 0, accuracy: bool = False) -> EvalTerms:
+        """Exact NLL summed per sequence [B] and predicted-token counts [B]; no randomness, so no variance.
+        `accuracy`: also the next-token top-1 hits."""
         c = self.corrupt(x0)
         (y,) = c.targets
         valid = y != self.pad_id
-        nll = self.nll(model(*c.inputs)[valid], y[valid])
+        logits = model(*c.inputs)
+        nll = self.nll(logits[valid], y[valid])
         per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
         per_seq.index_add_(0, valid.nonzero()[:, 0], nll.double())
-        return EvalTerms(per_seq, valid.sum(1), torch.zeros_like(per_seq))
+        scored = (top1_hits(logits, y, valid), valid.sum(1)) if accuracy else (None, None)
+        return EvalTerms(per_seq, valid.sum(1), torch.zeros_like(per_seq), *scored)

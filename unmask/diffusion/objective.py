@@ -71,6 +71,19 @@ class EvalTerms(NamedTuple):
     nll: torch.Tensor  # NELBO estimate summed per sequence [B] (float64)
     tokens: torch.Tensor  # tokens it covers per sequence [B]
     mc_var: torch.Tensor  # Monte-Carlo variance of `nll` given the tokens [B]; 0 where `nll` is exact
+    # `accuracy=True` only (full-vocabulary logits: `unmask eval`, not tensor-parallel validation):
+    hits: torch.Tensor | None = None  # predictions whose top-1 is the clean token, per sequence [B]
+    predicted: torch.Tensor | None = None  # predictions made (masked tokens over all draws), per sequence [B]
+
+
+def top1_hits(logits: torch.Tensor, targets: torch.Tensor, picked: torch.Tensor, suppress: int | None = None):
+    """Per sequence [B]: how many `picked` [B, L] positions' most likely token (never `suppress`) is the target."""
+    chosen = logits[picked].float()
+    if suppress is not None:
+        chosen[:, suppress] = float("-inf")
+    right = (chosen.argmax(-1) == targets[picked]).long()
+    return torch.zeros(targets.shape[0], dtype=torch.long, device=targets.device).index_add_(
+        0, picked.nonzero()[:, 0], right)
 
 
 class MaskedDiffusion:
@@ -211,30 +224,37 @@ class MaskedDiffusion:
 
     @torch.no_grad()
     def eval_terms(self, model, x0: torch.Tensor, time_samples: int, key: BatchKey | int,
-                   prompt_mask: torch.Tensor | None = None) -> EvalTerms:
+                   prompt_mask: torch.Tensor | None = None, accuracy: bool = False) -> EvalTerms:
         """Deterministic NELBO estimate, the same for a sample whatever the batch split or data-parallel layout.
 
         Always the exact-count estimator (the lower-variance one), whatever the training estimator. `key` places
         the batch in the evaluated set (an int n means BatchKey(step=n): rows are samples 0..B-1). Each sample
         (by its global index in `key`) gets `time_samples` draws with k stratified over them, and a stratum
         offset and mask draws seeded by (seed, key.step, index). With a prompt mask (SFT, prompt_conditioned) only the
-        response is masked and scored: the NELBO of the answer given the prompt, over its counted tokens."""
+        response is masked and scored: the NELBO of the answer given the prompt, over its counted tokens.
+        `accuracy`: also count the masked tokens the network's top-1 prediction gets right (EvalTerms.hits)."""
         B, L = x0.shape
         key = BatchKey(step=key, global_batch=B) if isinstance(key, int) else key
         # A random stratum offset per sample (and block), seeded by (key, index) like its masks: deterministic, and
         # unbiased over keys (a fixed offset per index would tie each sample's counts k to its position).
         offset = per_sample_uniforms(mix(self.seed, TIME_STREAM), key, B, self.time_draws(L)).double()  # [B, draws]
-        draws = []
+        draws, hits, predicted = [], 0, 0
         for j in range(time_samples):
             frac = ((j + offset) / time_samples).to(x0.device)  # [B, draws] in [0, 1), one per stratum
             u = per_sample_uniforms(self.seed, BatchKey(key.step * time_samples + j, key.micro, key.dp_rank,
                                                         key.dp_world, key.global_batch), B, L)
             c = self._scored(self._mask_count(x0, frac, u.to(x0.device), prompt_mask), prompt_mask)
-            draws.append(self._per_sequence(self.network(model, c.inputs), c.targets))
+            logits = self.network(model, c.inputs)
+            draws.append(self._per_sequence(logits, c.targets))
+            if accuracy:
+                masked = c.targets[1]
+                hits = hits + top1_hits(logits, x0, masked, self.mask_id)
+                predicted = predicted + masked.sum(1)
         draws = torch.stack(draws)  # [time_samples, B]
         # The spread over draws, as if they were independent: stratification only lowers the true variance.
         mc_var = draws.var(0) / time_samples if time_samples > 1 else torch.full_like(draws[0], float("nan"))
-        return EvalTerms(draws.mean(0), c.targets[3], mc_var)
+        scored = (hits, predicted) if accuracy else (None, None)
+        return EvalTerms(draws.mean(0), c.targets[3], mc_var, *scored)
 
     def _per_sequence(self, logits, targets) -> torch.Tensor:
         """Weighted nll summed per sequence: [B] float64."""

@@ -40,7 +40,20 @@ def likelihood(loaded, shards: str, *, batches: int = 16, batch_size: int = 8, t
     objective = build_objective(diffusion, loaded.special.mask, loaded.special.pad, 0,
                                 loaded.model_cfg.time_conditioning, eos_id=loaded.special.eos)
     held = list(itertools.islice(iter(loader), batches))
-    return evaluate_likelihood(loaded.model, objective, held, time_samples=time_samples).to_dict()
+    result = evaluate_likelihood(loaded.model, objective, held, time_samples=time_samples)
+    if not loader.manifest.sft:  # per byte: comparable across tokenizers (an SFT split scores responses only)
+        text_bytes = sum(len(text.encode("utf-8", "surrogatepass")) for text in scored_texts(loaded, held))
+        result.nats_per_byte = result.nats_per_token * result.tokens / max(text_bytes, 1)
+    return result.to_dict()
+
+
+def scored_texts(loaded, batches) -> list[str]:
+    """The text of each held-out sequence without its special tokens (<bos>, <eos>, padding): the bytes a
+    likelihood covers. An AR model scores every token but the first; that one token is ignored here."""
+    sp = loaded.special
+    special = {sp.pad, sp.bos, sp.eos, sp.mask}
+    return [loaded.codec.decode([t for t in row.tolist() if t not in special])
+            for batch in batches for row in (batch[0] if isinstance(batch, tuple) else batch)]
 
 
 @torch.no_grad()

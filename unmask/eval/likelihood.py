@@ -26,13 +26,18 @@ class LikelihoodResult:
     perplexity_high: float
     tokens: int  # tokens scored (AR: L - 1 per sequence, it never predicts the first)
     sequences: int
+    # Top-1 accuracy of the predictions scored: masked tokens over all NELBO draws (masking rates spread evenly
+    # over (0, 1]), or AR next tokens. Comparable between models of one tokenizer only.
+    accuracy: float | None = None
+    nats_per_byte: float | None = None  # nats_per_token * tokens / UTF-8 bytes of their text: tokenizer-free
 
     @property
     def bits_per_token(self) -> float:
         return self.nats_per_token / math.log(2)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "bits_per_token": self.bits_per_token}
+        per_byte = {} if self.nats_per_byte is None else {"bits_per_byte": self.nats_per_byte / math.log(2)}
+        return {**asdict(self), "bits_per_token": self.bits_per_token, **per_byte}
 
 
 def model_device(model) -> torch.device:
@@ -59,15 +64,16 @@ def evaluate_likelihood(model, objective, batches: Iterable[torch.Tensor], time_
     """Score token batches [B, L] (or SFT's (tokens, prompt_mask) pairs: the response given the prompt) with
     `objective.eval_terms`; batch i uses mask seed `seed + i`."""
     device = model_device(model)
-    nlls, counts = [], []
+    nlls, counts, hits, predicted = [], [], 0, 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x0, prompt_mask = batch if isinstance(batch, tuple) else (batch, None)
         sft = {} if prompt_mask is None else {"prompt_mask": prompt_mask.to(device)}
-        terms = objective.eval_terms(model, x0.to(device), time_samples, seed + i, **sft)
+        terms = objective.eval_terms(model, x0.to(device), time_samples, seed + i, accuracy=True, **sft)
         nlls.append(terms.nll.double().cpu())  # [B]
         counts.append(terms.tokens.cpu())  # [B]
+        hits, predicted = hits + int(terms.hits.sum()), predicted + int(terms.predicted.sum())
     if not nlls:
         raise EvalError("likelihood: no batches to score; check the held-out shard directory")
     nll, n = torch.cat(nlls), torch.cat(counts)
@@ -75,4 +81,4 @@ def evaluate_likelihood(model, objective, batches: Iterable[torch.Tensor], time_
     ratio, se = ratio_with_stderr(nll[keep], n[keep])
     half = 1.96 * se if math.isfinite(se) else 0.0
     return LikelihoodResult(ratio, se, math.exp(ratio), math.exp(ratio - half), math.exp(ratio + half),
-                            int(n.sum()), int(keep.sum()))
+                            int(n.sum()), int(keep.sum()), hits / max(predicted, 1))
