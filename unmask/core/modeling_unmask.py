@@ -134,7 +134,8 @@ class UnmaskForMaskedLM(UnmaskPreTrainedModel):
             raise ValueError("this tokenizer has no chat template: the model was not instruction-tuned (exports of "
                              "runs on `prepare-data --format chat` shards carry one)")
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt = [self.config.bos_token_id] + tokenizer.encode(text.removeprefix(tokenizer.bos_token),
+        # a tokenizer without a bos token (Qwen2) has no bos text to drop: unmask's <bos> id is then its eos
+        prompt = [self.config.bos_token_id] + tokenizer.encode(text.removeprefix(tokenizer.bos_token or ""),
                                                                add_special_tokens=False)
         out = self.diffusion_generate(input_ids=torch.tensor([prompt], device=self.device),
                                       max_length=max_length or self.config.max_seq_len,

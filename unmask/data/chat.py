@@ -16,13 +16,17 @@ special ids and any unmask tokenizer can encode it:
 
 Each role marker ends with a newline rather than a space: sentencepiece attaches a space to the word after it,
 so a prompt ending in "Assistant: " would leave a lone space token that text never produces.
+
+An imported model's tokenizer may carry its own Jinja chat template (SmolLM2's ChatML); prepare-data then uses it
+(`--chat-template auto`), so SFT keeps the format the model was pretrained or instruction-tuned with. Its prompt is
+the template's rendering of the turns before the answer with the generation prompt, less a leading bos_token.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unmask.data.documents import read_text
@@ -33,20 +37,32 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """Text around each turn; `{content}` marks the turn's text. `response_prefix` ends every prompt."""
+    """Text around each turn; `{content}` marks the turn's text. `response_prefix` ends every prompt.
+
+    Or, when `jinja` is set, an imported tokenizer's own Jinja chat template (`tokenizer_template`), rendered as
+    transformers renders it with `special_tokens` (the tokenizer's bos_token, eos_token, ...) as variables."""
 
     name: str
-    system: str
-    user: str
-    assistant: str  # an earlier answer, which is part of the prompt
-    response_prefix: str
+    system: str = ""
+    user: str = ""
+    assistant: str = ""  # an earlier answer, which is part of the prompt
+    response_prefix: str = ""
+    jinja: str = ""
+    special_tokens: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def to_dict(self) -> dict:
+        # the Jinja keys only when set: a default template's record (manifest, prepare settings) stays as it was
+        return {k: v for k, v in asdict(self).items() if v or k not in ("jinja", "special_tokens")}
 
     @classmethod
     def from_dict(cls, d: dict) -> ChatTemplate:
-        return cls(**{k: str(d[k]) for k in ("name", "system", "user", "assistant", "response_prefix")})
+        text = {k: str(d[k]) for k in ("name", "system", "user", "assistant", "response_prefix")}
+        return cls(**text, jinja=str(d.get("jinja", "")), special_tokens=dict(d.get("special_tokens", {})))
+
+
+def tokenizer_template(jinja: str, special_tokens: dict[str, str], source: str) -> ChatTemplate:
+    """The chat template of an imported tokenizer (`prepare-data --tokenizer SOURCE`), named after its file."""
+    return ChatTemplate(name=f"tokenizer:{Path(source).name}", jinja=jinja, special_tokens=dict(special_tokens))
 
 
 DEFAULT_TEMPLATE = ChatTemplate(
@@ -67,14 +83,36 @@ class Conversation:
 def render(conv: Conversation, template: ChatTemplate = DEFAULT_TEMPLATE) -> tuple[str, str]:
     """(prompt text, response text), without <bos>/<eos>: the caller encodes the two apart so that no token
     straddles the boundary and the prompt mask is exact."""
+    if template.jinja:
+        return _render_jinja(conv, template), conv.messages[-1][1]
     turns = [getattr(template, role).replace("{content}", text) for role, text in conv.messages[:-1]]
     return "".join(turns) + template.response_prefix, conv.messages[-1][1]
+
+
+def _render_jinja(conv: Conversation, template: ChatTemplate) -> str:
+    """The turns before the answer with the generation prompt, as `tokenizer.apply_chat_template(...,
+    add_generation_prompt=True, tokenize=False)` writes them, less a leading bos_token: the sample's <bos> id
+    stands for it (sft.py), as in the exported model's `chat`."""
+    from transformers.utils.chat_template_utils import render_jinja_template  # transformers' own renderer
+
+    messages = [{"role": role, "content": text} for role, text in conv.messages[:-1]]
+    try:
+        (text,), _ = render_jinja_template([messages], chat_template=template.jinja, add_generation_prompt=True,
+                                           **template.special_tokens)
+    except Exception as e:  # noqa: BLE001 - a template's own raise_exception or a Jinja error
+        raise DataError(f"{conv.where}: the chat template {template.name} failed on this conversation "
+                        f"({type(e).__name__}: {e}); fix the conversation, or prepare the data with "
+                        "--chat-template default") from None
+    return text.removeprefix(template.special_tokens.get("bos_token") or "")
 
 
 def jinja_template(template: ChatTemplate) -> str:
     """`template` as a Hugging Face chat template (tokenizer_config.json "chat_template"): what `render` makes of
     the turns, after the tokenizer's bos_token, with `add_generation_prompt` adding the response prefix. Literal
-    text is written as Jinja string literals, so no character of the template can be read as Jinja syntax."""
+    text is written as Jinja string literals, so no character of the template can be read as Jinja syntax.
+    A tokenizer's own template is returned as it came."""
+    if template.jinja:
+        return template.jinja
 
     def turn(role: str) -> str:
         before, _, after = getattr(template, role).partition("{content}")

@@ -32,10 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--format", choices=("text", "chat"), default=d.format,
       help="text: documents for pretraining (default); chat: JSON Lines of conversations ({\"prompt\", "
            "\"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]}) -> SFT shards, one conversation "
-           "per sample with its prompt mask, rendered with the default chat template")
+           "per sample with its prompt mask, rendered with a chat template (--chat-template)")
     a("--sft-overflow", choices=("refuse", "truncate"), default=d.sft_overflow,
       help="--format chat: a conversation longer than --seq-len stops the run naming its line (refuse, the "
            "default) or has its response cut to fit (truncate); the prompt is never cut")
+    a("--chat-template", choices=("auto", "default", "tokenizer"), default=d.chat_template,
+      help="--format chat: the template conversations are rendered with: tokenizer, the --tokenizer's own Jinja "
+           "chat_template (an imported model's); default, unmask's; auto (the default): the tokenizer's when it "
+           "has one, else unmask's")
     a("--val-fraction", type=float, default=d.val_fraction,
       help="fraction of documents (by content hash) held out for validation (default %(default)s)")
     a("--shard-size-mb", type=float, default=d.shard_size_mb, help="target tar shard size (default %(default)s)")

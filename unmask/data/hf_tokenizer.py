@@ -146,3 +146,13 @@ def copy_hf_tokenizer(path: str | Path, out_dir: str | Path) -> Path:
         shutil.copyfile(src / name, out_dir / name)
     return out_dir / "tokenizer.json"
 
+
+
+def source_chat_template(path: str | Path) -> tuple[str | None, dict[str, str]]:
+    """An imported tokenizer's own Jinja chat template (None when it has none) and its special token strings
+    (bos_token, eos_token, ...: the variables `apply_chat_template` gives the template)."""
+    tok = _load_source(Path(path))
+    jinja = tok.chat_template
+    if isinstance(jinja, dict):  # named templates (say "default" and "tool_use"): plain chat is the default one
+        jinja = jinja.get("default")
+    return jinja or None, {k: str(v) for k, v in tok.special_tokens_map.items() if isinstance(v, str)}

@@ -37,9 +37,15 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from unmask.data import documents as docs_mod
-from unmask.data.chat import DEFAULT_TEMPLATE
+from unmask.data.chat import DEFAULT_TEMPLATE, ChatTemplate, tokenizer_template
 from unmask.data.fsutil import PARTIAL, atomic_write_text
-from unmask.data.hf_tokenizer import HFTokenizer, adopt_hf_tokenizer, is_hf_source, source_sha256
+from unmask.data.hf_tokenizer import (
+    HFTokenizer,
+    adopt_hf_tokenizer,
+    is_hf_source,
+    source_chat_template,
+    source_sha256,
+)
 from unmask.data.sft import OVERFLOW, conversation_texts, write_sft_splits
 from unmask.data.shards import FORMAT, MANIFEST, Manifest, Packer, SplitWriter, read_manifest, token_dtype
 from unmask.data.tokenizer import Tokenizer, export_hf_tokenizer, sample_lines, train_tokenizer
@@ -47,6 +53,7 @@ from unmask.errors import DataError
 
 STATE = ".prepare-data.json"
 SPLITS = ("train", "val")
+CHAT_TEMPLATES = ("auto", "default", "tokenizer")
 CHUNK_CHARS = 1 << 18  # text per pool task: amortises pickling, keeps every worker busy to the end
 
 
@@ -61,6 +68,7 @@ class PrepareOptions:
     jsonl_field: str = "text"
     format: str = "text"  # "chat": JSON Lines of conversations -> SFT shards (sft.py)
     sft_overflow: str = "refuse"  # chat: a conversation longer than seq_len is refused, or its response cut
+    chat_template: str = "auto"  # chat: the tokenizer's own template when it has one (auto, tokenizer), or unmask's
     val_fraction: float = 0.01
     shard_size_mb: float = 32.0
     cross_document: bool = True
@@ -89,14 +97,18 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
     _validate(opts)
     out = Path(opts.out)
     files = docs_mod.expand_inputs(opts.inputs)
-    if _claim(out, _settings(opts, files)):
+    template = _chat_template(opts) if opts.format == "chat" else None
+    if template is not None:
+        print(f"chat template: {template.name} " + ("(the tokenizer's own; --chat-template default for unmask's)"
+                                                    if template.jinja else "(unmask's default)"))
+    if _claim(out, _settings(opts, files, template)):
         return PrepareResult(out, read_manifest(out / "train"), read_manifest(out / "val"), already_complete=True)
 
     # 1. scan
     hf_tok = opts.tokenizer is not None and is_hf_source(opts.tokenizer)
     train_tok = opts.tokenizer is None and not (out / "tokenizer.model").is_file()
     scan = _Scan(opts.val_fraction)
-    train_docs = scan.run(_documents(opts, files))
+    train_docs = scan.run(_documents(opts, files, template))
     lines = sample_lines(train_docs, opts.max_sentences, opts.seed) if train_tok else None
     for _ in train_docs:  # drain when no tokenizer is trained
         pass
@@ -132,7 +144,7 @@ def prepare_data(opts: PrepareOptions) -> PrepareResult:
     if opts.format == "chat":
         manifests = write_sft_splits(out, files, tok, scan.is_val, seq_len=opts.seq_len, overflow=opts.sft_overflow,
                                      shard_bytes=int(opts.shard_size_mb * 1e6), total_bytes=scan.total_bytes,
-                                     progress=opts.progress)
+                                     progress=opts.progress, template=template)
     else:
         manifests = _write_splits(opts, files, tok, scan)
     return PrepareResult(out, manifests["train"], manifests["val"], text_bytes=scan.total_bytes,
@@ -150,13 +162,32 @@ def _validate(opts: PrepareOptions) -> None:
         (opts.tokenizer is None or Path(opts.tokenizer).exists(), f"--tokenizer {opts.tokenizer} does not exist"),
         (opts.format in ("text", "chat"), f"--format {opts.format!r}: use text or chat"),
         (opts.sft_overflow in OVERFLOW, f"--sft-overflow {opts.sft_overflow!r}: use {' or '.join(OVERFLOW)}"),
+        (opts.chat_template in CHAT_TEMPLATES, f"--chat-template {opts.chat_template!r}: use "
+                                               f"{', '.join(CHAT_TEMPLATES)}"),
+        (opts.format == "chat" or opts.chat_template == "auto", "--chat-template applies to --format chat only"),
     ]
     for ok, msg in checks:
         if not ok:
             raise DataError(msg)
 
 
-def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
+def _chat_template(opts: PrepareOptions) -> ChatTemplate:
+    """--chat-template: `default` unmask's; `tokenizer` the imported tokenizer's own (an error when it has none);
+    `auto` the tokenizer's when it has one, else unmask's."""
+    if opts.chat_template == "default":
+        return DEFAULT_TEMPLATE
+    hf = opts.tokenizer is not None and is_hf_source(opts.tokenizer)
+    jinja, tokens = source_chat_template(opts.tokenizer) if hf else (None, {})
+    if jinja:
+        return tokenizer_template(jinja, tokens, opts.tokenizer)
+    if opts.chat_template == "tokenizer":
+        what = f"the tokenizer {opts.tokenizer} has no chat_template" if hf else (
+            "it needs --tokenizer, an imported model's Hugging Face tokenizer (folder or .gguf) with a chat_template")
+        raise DataError(f"--chat-template tokenizer: {what}; pass --chat-template default for unmask's template")
+    return DEFAULT_TEMPLATE
+
+
+def _settings(opts: PrepareOptions, files: list[Path], template: ChatTemplate | None = None) -> dict:
     """Everything that determines the output; `workers` and `progress` do not."""
     inputs = []
     for f in files:
@@ -170,13 +201,14 @@ def _settings(opts: PrepareOptions, files: list[Path]) -> dict:
         seed=opts.seed, max_sentences=None if tok else opts.max_sentences, format=FORMAT,
     )
     if opts.format == "chat":  # chat-only keys, so a text run's recorded settings are what they always were
-        settings.update(input_format="chat", sft_overflow=opts.sft_overflow, chat_template=DEFAULT_TEMPLATE.to_dict())
+        settings.update(input_format="chat", sft_overflow=opts.sft_overflow,
+                        chat_template=(template or DEFAULT_TEMPLATE).to_dict())
     return settings
 
 
-def _documents(opts: PrepareOptions, files: list[Path]) -> Iterator[str]:
+def _documents(opts: PrepareOptions, files: list[Path], template: ChatTemplate | None) -> Iterator[str]:
     if opts.format == "chat":
-        return conversation_texts(files)
+        return conversation_texts(files, template or DEFAULT_TEMPLATE)
     return docs_mod.iter_documents(files, opts.jsonl_field)
 
 
