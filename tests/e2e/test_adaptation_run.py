@@ -56,7 +56,8 @@ def run(data: Path, run_dir: Path, source: Path, faults: str = "") -> subprocess
 
 
 def final_model(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "engine" / "engine.pt", weights_only=True)["model"]
+    path = run_dir / "checkpoints" / f"step-{STEPS:08d}" / "engine" / "engine.pt"
+    return torch.load(path, weights_only=True)["model"]
 
 
 def test_adaptation_resumes_exactly_after_kill_9_and_ignores_init_from(tmp_path):
