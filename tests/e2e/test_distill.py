@@ -167,3 +167,28 @@ def test_teacher_trained_by_exact_count_distills_from_times(tiny_shards, tmp_pat
                       "--diffusion.estimator=exact_count"))
     cfg, _ = prepare_config(student_config(tiny_shards, tmp_path / "student"), str(run))
     assert cfg.diffusion.estimator == "continuous"
+
+
+def test_a_teacher_adapted_from_a_causal_lm_distills_with_its_shifted_head(tiny_shards, tmp_path):
+    """A Dream/DiffuLLaMA-style teacher (shift_logits, stopped mid-anneal) distils: teacher and student keep the
+    shifted head, the annealing is not carried over (both attend fully), and the student trains and samples."""
+    from unmask.checkpoint.consolidate import load_checkpoint_weights
+    from unmask.distill.stage import Distill
+
+    run = tmp_path / "teacher"
+    train(tiny_config(tiny_shards, run, *FAST, "--train.steps=3", "--train.val_batches=1", "--model.shift_logits=true",
+                      "--diffusion.anneal_steps=8"))
+    cfg = student_config(tiny_shards, tmp_path / "student", "--distill.start_steps=4", "--distill.final_steps=2",
+                         "--distill.steps_per_round=3", "--distill.eval=true", "--distill.eval_samples=2",
+                         "--distill.eval_length=32", "--distill.eval_teacher_steps=[4]",
+                         "--distill.eval_student_steps=[2]")
+    stage = Distill(str(run))
+    train(cfg, stage=stage)
+    assert stage.objective.teacher.shift_logits
+    losses = train_losses(tmp_path / "student")
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < float("inf") for v in losses.values())
+    saved, _ = load_checkpoint_weights(tmp_path / "student")
+    assert saved.model.shift_logits and saved.diffusion.anneal_steps == 0
+    rows = json.loads((tmp_path / "student" / "distill_eval.json").read_text())["rows"]
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 4), ("student", 2)]
+    assert all(r["unigram_entropy"] > 0 for r in rows)

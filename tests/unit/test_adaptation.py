@@ -156,3 +156,13 @@ def test_the_pipeline_stages_give_the_shifted_logits_of_one_process():
         for block in model.layers:
             x = _BlockLayer(block, model)(x)
         torch.testing.assert_close(_HeadLayer(model)(x), model(tokens), atol=1e-6, rtol=0)
+
+
+def test_distill_refuses_anneal_steps_by_name(tmp_path):
+    """A distill run takes its teacher's [diffusion]: an anneal_steps there would do nothing, so it is refused."""
+    from unmask.distill.stage import prepare_config
+    from unmask.errors import ConfigError
+
+    cfg = Config.model_validate({"train": {"seq_len": 32}, "diffusion": {"anneal_steps": 5}})
+    with pytest.raises(ConfigError, match=r"diffusion.anneal_steps=5 .*remove diffusion.anneal_steps"):
+        prepare_config(cfg, str(tmp_path / "teacher"))

@@ -20,7 +20,7 @@ from unmask.errors import ConfigError
 def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
     weights (the checkpoint's EMA of them when it has one, as `distill.teacher_weights` says). Refuses layouts
-    whose student weights are not whole on each rank (the teacher copy needs them)."""
+    whose student weights are not whole on each rank (the teacher copy needs them), and diffusion.anneal_steps."""
     from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     path = teacher or cfg.distill.teacher
@@ -30,6 +30,10 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
         raise ConfigError(f"distill: parallel.tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, "
                           f"zero_stage={cfg.parallel.zero_stage}: distillation needs whole weights on each rank "
                           "(use data parallelism with zero_stage <= 2)")
+    if cfg.diffusion.anneal_steps:  # the run's [diffusion] is the teacher's (below): the key would do nothing
+        raise ConfigError(f"distill: diffusion.anneal_steps={cfg.diffusion.anneal_steps} anneals attention while "
+                          "adapting a causal LM; the teacher is already annealed and the student trains at full "
+                          "attention: remove diffusion.anneal_steps from the distill config")
     teacher_cfg, state = load_checkpoint_weights(path, weights=cfg.distill.teacher_weights)
     if teacher_cfg.diffusion.objective != "mdlm":
         raise ConfigError(f"distill: teacher {path} is a {teacher_cfg.diffusion.objective!r} model; it must be a "
@@ -37,8 +41,9 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     cfg = cfg.model_copy(deep=True)
     cfg.model = teacher_cfg.model
     # Distillation runs the reverse process from a time t to s: its x_t must come from a time, whichever estimator
-    # trained the teacher (a count-based corruption has none).
-    cfg.diffusion = teacher_cfg.diffusion.model_copy(update={"estimator": "continuous"})
+    # trained the teacher (a count-based corruption has none). An adapted teacher's anneal_steps is dropped: its
+    # annealing is done, and the distill objectives run student and teacher at full attention.
+    cfg.diffusion = teacher_cfg.diffusion.model_copy(update={"estimator": "continuous", "anneal_steps": 0})
     cfg.distill.teacher = str(path)
     cfg.train.steps = cfg.distill.rounds * cfg.distill.steps_per_round
     return cfg, state
