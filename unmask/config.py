@@ -132,11 +132,24 @@ class DiffusionConfig(Section):
         "that nothing follows); first: only the one ending the answer; none: no <eos> (answers never learn to "
         "end). Every response <eos> is masked in all three, so the network never sees the answer's length")
 
+    token_reweighting: Literal["none", "cart"] = Field(
+        "none", description="training-time loss reweighting, not an ELBO: validation and `unmask eval` stay the plain "
+        "NELBO. cart: Dream's context-adaptive token-level reweighting: each masked token's weight replaces the ELBO's "
+        "w(t) (or n/k) by sum over the visible non-pad tokens j of p/2 (1-p)^(|i-j|-1) (p = cart_p), so tokens near "
+        "context weigh more (at most 1); the loss is still divided per maskable token (SFT: per answer length). "
+        "mdlm only")
+    cart_p: float = Field(0.3, gt=0, le=1, description="token_reweighting = \"cart\": the geometric distribution's p "
+                          "(Dream's geo_p; larger: weight concentrates on tokens next to context)")
+
     @model_validator(mode="after")
     def _check_sft(self) -> DiffusionConfig:
         if self.prompt_conditioned and self.objective != "mdlm":
             raise ValueError(f"diffusion.prompt_conditioned (SFT) is implemented for objective = \"mdlm\" (LLaDA's "
                              f"SFT), not {self.objective!r}; set diffusion.objective = \"mdlm\"")
+        if self.token_reweighting != "none" and self.objective != "mdlm":
+            raise ValueError(f"diffusion.token_reweighting={self.token_reweighting!r} (Dream's CART) reweights masked "
+                             f"diffusion's tokens; diffusion.objective={self.objective!r} has its own weights: set "
+                             "diffusion.token_reweighting=\"none\" or diffusion.objective=\"mdlm\"")
         return self
 
 

@@ -11,6 +11,7 @@ response is masked and scored, and each sample is normalised by its answer lengt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -131,6 +132,12 @@ class MaskedDiffusion:
         else:
             # 3. Forward masking: each maskable token -> <mask> with probability 1 - alpha(t).
             c = self._scored(self._mask(x0, self.time_of(frac, self.cfg.clip), u, prompt_mask), prompt_mask)
+        # Dream's CART replaces the ELBO weight (training only: eval_terms never comes here, validation stays the
+        # NELBO). Context is what the network reads: visible non-pad tokens (prompts count; masked <eos> padding not).
+        if self.cfg.token_reweighting == "cart":
+            _, masked, _, counts = c.targets
+            w = cart_weights((c.inputs[0] != self.mask_id) & (x0 != self.pad_id), self.cfg.cart_p)
+            c = Corrupted(c.inputs, (x0, masked, w, counts))
         # 4. AR adaptation (DiffuLLaMA): attention annealed from causal to full over the first anneal_steps steps.
         attention = anneal_mask(self.seed, key.step, L, self.cfg.anneal_steps) if self.cfg.anneal_steps else None
         return c if attention is None else Corrupted(c.inputs, c.targets, attention.to(x0.device))
@@ -267,6 +274,25 @@ class MaskedDiffusion:
 def token_weights(weight: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Each token's ELBO weight [B, L] from a weight per sample [B] or per token [B, L] (block diffusion)."""
     return weight if weight.dim() == 2 else weight[:, None].expand_as(x0)
+
+
+def cart_weights(context: torch.Tensor, p: float) -> torch.Tensor:
+    """Dream's context-adaptive token-level reweighting (CART), weights [B, L] from context [B, L] bool.
+
+    As in ZHZisZZ/dllm `dllm/pipelines/dream/trainer.py`, `cart_weight` (DreamTrainer, loss_weight_type
+    "cart[geo_p:0.3]"; Dream's own training code is not public): w_i = sum over context tokens j != i of
+    p/2 (1-p)^(|i-j|-1), a geometric law over the 1-based distance, halved per side, not normalised (at most 1: a
+    masked token amid unbroken context). It replaces the ELBO weight (w(t) or n/k); `MDLMTrainer.compute_loss`
+    still divides by the maskable tokens of the batch ("token" norm), as unmask does. Only masked positions are
+    read. Deviation: dllm counts every unmasked position as context, pads included; here pads are not context.
+    A row's weights depend on its own context only, so any batch split or parallel layout gives the same loss.
+    A convolution truncated where the kernel's tail (1-p)^D drops under 1e-9, instead of dllm's [L, L] matrix."""
+    L = context.shape[1]
+    q = 1.0 - p
+    D = min(L - 1, 1 if q == 0 else math.ceil(math.log(1e-9) / math.log(q)))  # farthest distance kept
+    half = 0.5 * p * q ** torch.arange(D, dtype=torch.float64, device=context.device)  # distance 1..D
+    kernel = torch.cat([half.flip(0), half.new_zeros(1), half]).float()  # symmetric, 0 at distance 0
+    return F.conv1d(context.float()[:, None], kernel[None, None], padding=D)[:, 0]
 
 
 def count_masks(maskable: torch.Tensor, frac: torch.Tensor, u: torch.Tensor):

@@ -20,7 +20,8 @@ from unmask.errors import ConfigError
 def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
     weights (the checkpoint's EMA of them when it has one, as `distill.teacher_weights` says). Refuses layouts
-    whose student weights are not whole on each rank (the teacher copy needs them), and diffusion.anneal_steps."""
+    whose student weights are not whole on each rank (the teacher copy needs them), diffusion.anneal_steps and
+    diffusion.token_reweighting."""
     from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     path = teacher or cfg.distill.teacher
@@ -34,6 +35,10 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
         raise ConfigError(f"distill: diffusion.anneal_steps={cfg.diffusion.anneal_steps} anneals attention while "
                           "adapting a causal LM; the teacher is already annealed and the student trains at full "
                           "attention: remove diffusion.anneal_steps from the distill config")
+    if cfg.diffusion.token_reweighting != "none":  # likewise; and the distill losses weigh no tokens
+        raise ConfigError(f"distill: diffusion.token_reweighting={cfg.diffusion.token_reweighting!r} weighs the "
+                          "masked-diffusion loss; distillation matches the teacher instead: remove "
+                          "diffusion.token_reweighting from the distill config")
     teacher_cfg, state = load_checkpoint_weights(path, weights=cfg.distill.teacher_weights)
     if teacher_cfg.diffusion.objective != "mdlm":
         raise ConfigError(f"distill: teacher {path} is a {teacher_cfg.diffusion.objective!r} model; it must be a "
@@ -42,8 +47,10 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     cfg.model = teacher_cfg.model
     # Distillation runs the reverse process from a time t to s: its x_t must come from a time, whichever estimator
     # trained the teacher (a count-based corruption has none). An adapted teacher's anneal_steps is dropped: its
-    # annealing is done, and the distill objectives run student and teacher at full attention.
-    cfg.diffusion = teacher_cfg.diffusion.model_copy(update={"estimator": "continuous", "anneal_steps": 0})
+    # annealing is done, and the distill objectives run student and teacher at full attention; a CART teacher's
+    # token_reweighting is dropped too (the divergence weighs no tokens).
+    cfg.diffusion = teacher_cfg.diffusion.model_copy(update={"estimator": "continuous", "anneal_steps": 0,
+                                                             "token_reweighting": "none"})
     cfg.distill.teacher = str(path)
     cfg.train.steps = cfg.distill.rounds * cfg.distill.steps_per_round
     return cfg, state
