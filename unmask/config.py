@@ -260,6 +260,9 @@ class DistillConfig(Section):
     eval_student_steps: list[int] = Field([64, 16, 8], description="student sampling steps evaluated")
     eval_samples: int = Field(16, gt=0, description="unconditional samples per table row")
     eval_length: int | None = Field(None, gt=0, description="tokens per sample (default train.seq_len)")
+    eval_block_length: int | None = Field(
+        None, gt=0, description="sample the table's rows in semi-autoregressive blocks of this many positions (the "
+        "steps split evenly over them); None: one block, as pretraining's samples")
     reference: str | None = Field(
         None, description="AR judge for gen. perplexity: unmask AR run, HF folder, .gguf file or smollm2"
     )

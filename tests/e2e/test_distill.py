@@ -181,7 +181,7 @@ def test_a_teacher_adapted_from_a_causal_lm_distills_with_its_shifted_head(tiny_
     cfg = student_config(tiny_shards, tmp_path / "student", "--distill.start_steps=4", "--distill.final_steps=2",
                          "--distill.steps_per_round=3", "--distill.eval=true", "--distill.eval_samples=2",
                          "--distill.eval_length=32", "--distill.eval_teacher_steps=[4]",
-                         "--distill.eval_student_steps=[2]")
+                         "--distill.eval_student_steps=[2]", "--distill.eval_block_length=16")  # as the demo's table
     stage = Distill(str(run))
     train(cfg, stage=stage)
     assert stage.objective.teacher.shift_logits

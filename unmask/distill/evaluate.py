@@ -30,7 +30,7 @@ def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> d
                                      ("student", student_loaded, d.eval_student_steps)):
         for steps in steps_list:
             row = {"model": name, **samples_at(loaded, steps, reference, num_samples=d.eval_samples, length=length,
-                                              seed=cfg.train.seed)}
+                                              seed=cfg.train.seed, block_length=d.eval_block_length)}
             row["wall_s"] = row.pop("seconds")
             rows.append(row)
             say(f"{name} at {steps} steps: entropy {row['unigram_entropy']:.3f}"

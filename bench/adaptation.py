@@ -1,0 +1,108 @@
+"""Adapted vs from scratch (issue 16's checks): SmolLM2-135M adapted to masked diffusion by `make demo` against the
+0.16M-parameter model `make demo-scratch` trains from scratch, on the held-out text of the same corpus.
+
+1. Held-out likelihood, each model on its own tokenization of the same held-out documents (prepare-data's split
+   follows each document's digest, not the tokenizer): NELBO per token with its standard error, per UTF-8 byte
+   (the comparable figure across tokenizers), and the top-1 accuracy on the masked tokens the NELBO scores.
+2. Unconditional samples at temperature 1 (the demo's sampler: semi-autoregressive blocks), scored per judge token
+   and per byte by two judges: SmolLM2-135M (biased: it judges its own descendant) and an unmask AR baseline
+   trained on the demo corpus (`configs/ar-demo-cpu.toml`, trained here when missing), beside the same judges'
+   scores of held-out text and of that text with its words shuffled. Mean +- standard deviation over seeds.
+
+    make demo && make demo-scratch        # the two runs (each ~30 minutes on 2 cores)
+    python bench/adaptation.py            # ~10 minutes
+    python bench/adaptation.py --seeds 0 1 2 3 --samples 16
+
+Prints figures and ratios; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):{fmt}} +- {sd:{fmt}}"
+
+
+def ensure_ar_judge(path: Path) -> None:
+    if (path / "checkpoints" / "latest").exists():
+        return
+    cmd = ["unmask", "train", "configs/ar-demo-cpu.toml", f"--train.run_dir={path}"]
+    print("training the AR judge:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapted", type=Path, default=ROOT / "runs/adapt-smollm2-cpu")
+    p.add_argument("--scratch", type=Path, default=ROOT / "runs/demo-cpu")
+    p.add_argument("--ar-judge", type=Path, default=ROOT / "runs/ar-demo-cpu")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--samples", type=int, default=8, help="samples per seed")
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--block-length", type=int, default=4, help="the demo's semi-autoregressive blocks")
+    p.add_argument("--batches", type=int, default=8, help="held-out batches of 8 sequences for the likelihood")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = p.parse_args()
+    for run in (args.adapted, args.scratch):
+        if not (run / "checkpoints" / "latest").exists():
+            sys.exit(f"{run}: no finished run there; `make demo` writes runs/adapt-smollm2-cpu, `make demo-scratch` "
+                     "runs/demo-cpu")
+    ensure_ar_judge(args.ar_judge)
+
+    from unmask.eval.api import likelihood, load_reference, samples_at, text_baselines
+    from unmask.inference import load
+
+    models = {"adapted": load(str(args.adapted), "cpu"), "scratch": load(str(args.scratch), "cpu")}
+    out: dict = {"likelihood": {}, "samples": {}, "baselines": {}}
+    print(f"\n1. held-out likelihood ({args.batches} x 8 sequences of each model's own val split)")
+    print(f"{'model':8} {'nats/token':>16} {'bits/byte':>9} {'top-1 acc':>9} {'tokens':>7}")
+    for name, loaded in models.items():
+        row = likelihood(loaded, loaded.config.data.val_dir, batches=args.batches, batch_size=8)
+        out["likelihood"][name] = row
+        print(f"{name:8} {row['nats_per_token']:9.3f} +- {row['stderr']:.3f} {row['bits_per_byte']:9.3f} "
+              f"{row['accuracy']:9.3f} {row['tokens']:7d}")
+    a, s = out["likelihood"]["adapted"], out["likelihood"]["scratch"]
+    print(f"adapted / scratch: {a['bits_per_byte'] / s['bits_per_byte']:.2f}x the bits per byte, "
+          f"{a['accuracy'] / s['accuracy']:.2f}x the top-1 accuracy (tokens differ: the byte figure is the fair one)")
+
+    knobs = dict(steps=args.length, block_length=args.block_length, temperature=1.0)
+    print(f"\n2. samples at temperature 1 ({len(args.seeds)} seeds x {args.samples} x {args.length} tokens, "
+          f"blocks of {args.block_length}, one token per step), per judge")
+    for judge_name, path in (("SmolLM2-135M", "smollm2"), ("unmask AR (demo corpus)", str(args.ar_judge))):
+        judge = load_reference(path)
+        base = text_baselines(models["adapted"], models["adapted"].config.data.val_dir, judge,
+                              num_samples=args.samples * len(args.seeds), length=args.length)
+        rows = {name: [samples_at(loaded, args.length, judge, num_samples=args.samples, length=args.length,
+                                  seed=seed, **knobs) for seed in args.seeds] for name, loaded in models.items()}
+        out["samples"][judge_name], out["baselines"][judge_name] = rows, base
+        print(f"judge {judge_name}:  {'gen ppl (per judge token)':>26} {'bits/byte':>14} {'entropy':>7}")
+        for name, got in rows.items():
+            print(f"  {name + ' samples':22} {spread([r['gen_ppl'] for r in got]):>26} "
+                  f"{spread([r['gen_bits_per_byte'] for r in got], '.3f'):>14} "
+                  f"{statistics.mean(r['unigram_entropy'] for r in got):7.2f}")
+        for name, row in base.items():
+            print(f"  {name.replace('_', ' '):22} {row['gen_ppl']:>26.1f} {row['gen_bits_per_byte']:>14.3f}")
+        mean_ppl = statistics.mean(r["gen_ppl"] for r in rows["adapted"])
+        mean_bpb = statistics.mean(r["gen_bits_per_byte"] for r in rows["adapted"])
+        shuffled = base["shuffled_words"]
+        print(f"  adapted samples / shuffled text: {mean_ppl / shuffled['gen_ppl']:.2f}x per token, "
+              f"{mean_bpb / shuffled['gen_bits_per_byte']:.2f}x per byte")
+    print("\nexample (adapted, seed 0):", repr(out["samples"]["SmolLM2-135M"]["adapted"][0]["example"]))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1, default=lambda v: None if isinstance(v, float) and
+                                       math.isnan(v) else v))
+
+
+if __name__ == "__main__":
+    main()
