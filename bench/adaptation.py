@@ -4,7 +4,7 @@
 1. Held-out likelihood, each model on its own tokenization of the same held-out documents (prepare-data's split
    follows each document's digest, not the tokenizer): NELBO per token with its standard error, per UTF-8 byte
    (the comparable figure across tokenizers), and the top-1 accuracy on the masked tokens the NELBO scores.
-2. Unconditional samples at temperature 1 (the demo's sampler: semi-autoregressive blocks), scored per judge token
+2. Unconditional samples at temperature 1, one token per step in left-to-right blocks, scored per judge token
    and per byte by two judges: SmolLM2-135M (biased: it judges its own descendant) and an unmask AR baseline
    trained on the demo corpus (`configs/ar-demo-cpu.toml`, trained here when missing), beside the same judges'
    scores of held-out text and of that text with its words shuffled. Mean +- standard deviation over seeds.
@@ -50,8 +50,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=8, help="samples per seed")
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--block-length", type=int, default=4, help="the demo's semi-autoregressive blocks")
-    p.add_argument("--batches", type=int, default=8, help="held-out batches of 8 sequences for the likelihood")
+    p.add_argument("--block-lengths", type=int, nargs="+", default=[1, 4],
+                   help="semi-autoregressive block sizes to sample with (1: one token a step, left to right)")
+    p.add_argument("--batches", type=int, default=4, help="held-out batches of 8 sequences for the likelihood")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = p.parse_args()
     for run in (args.adapted, args.scratch):
@@ -61,6 +62,7 @@ def main() -> None:
     ensure_ar_judge(args.ar_judge)
 
     from unmask.eval.api import likelihood, load_reference, samples_at, text_baselines
+    from unmask.eval.genppl import generative_perplexity
     from unmask.inference import load
 
     models = {"adapted": load(str(args.adapted), "cpu"), "scratch": load(str(args.scratch), "cpu")}
@@ -76,29 +78,35 @@ def main() -> None:
     print(f"adapted / scratch: {a['bits_per_byte'] / s['bits_per_byte']:.2f}x the bits per byte, "
           f"{a['accuracy'] / s['accuracy']:.2f}x the top-1 accuracy (tokens differ: the byte figure is the fair one)")
 
-    knobs = dict(steps=args.length, block_length=args.block_length, temperature=1.0)
-    print(f"\n2. samples at temperature 1 ({len(args.seeds)} seeds x {args.samples} x {args.length} tokens, "
-          f"blocks of {args.block_length}, one token per step), per judge")
+    print(f"\n2. samples at temperature 1 ({len(args.seeds)} seeds x {args.samples} x {args.length} tokens, one token "
+          f"per step, in left-to-right blocks of {args.block_lengths} positions), per judge")
+    samples = {f"{name} b{b}": [samples_at(loaded, args.length, None, num_samples=args.samples, length=args.length,
+                                           seed=seed, block_length=b, temperature=1.0, keep_texts=True)
+                                for seed in args.seeds]
+               for name, loaded in models.items() for b in args.block_lengths}
     for judge_name, path in (("SmolLM2-135M", "smollm2"), ("unmask AR (demo corpus)", str(args.ar_judge))):
         judge = load_reference(path)
         base = text_baselines(models["adapted"], models["adapted"].config.data.val_dir, judge,
                               num_samples=args.samples * len(args.seeds), length=args.length)
-        rows = {name: [samples_at(loaded, args.length, judge, num_samples=args.samples, length=args.length,
-                                  seed=seed, **knobs) for seed in args.seeds] for name, loaded in models.items()}
-        out["samples"][judge_name], out["baselines"][judge_name] = rows, base
-        print(f"judge {judge_name}:  {'gen ppl (per judge token)':>26} {'bits/byte':>14} {'entropy':>7}")
+        rows = {name: [generative_perplexity(r["texts"], judge) for r in got] for name, got in samples.items()}
+        out["samples"][judge_name] = {name: [{"gen_ppl": g.perplexity, "gen_bits_per_byte": g.bits_per_byte}
+                                             for g in got] for name, got in rows.items()}
+        out["baselines"][judge_name] = base
+        shuffled = base["shuffled_words"]
+        print(f"judge {judge_name}:  {'gen ppl (per judge token)':>26} {'bits/byte':>14} {'entropy':>7} "
+              f"{'ppl / shuffled':>14} {'bpb / shuffled':>14}")
         for name, got in rows.items():
-            print(f"  {name + ' samples':22} {spread([r['gen_ppl'] for r in got]):>26} "
-                  f"{spread([r['gen_bits_per_byte'] for r in got], '.3f'):>14} "
-                  f"{statistics.mean(r['unigram_entropy'] for r in got):7.2f}")
+            ppl, bpb = [g.perplexity for g in got], [g.bits_per_byte for g in got]
+            entropy = statistics.mean(r["unigram_entropy"] for r in samples[name])
+            print(f"  {name + ' samples':22} {spread(ppl):>26} {spread(bpb, '.3f'):>14} {entropy:7.2f} "
+                  f"{statistics.mean(ppl) / shuffled['gen_ppl']:14.2f} "
+                  f"{statistics.mean(bpb) / shuffled['gen_bits_per_byte']:14.2f}")
         for name, row in base.items():
             print(f"  {name.replace('_', ' '):22} {row['gen_ppl']:>26.1f} {row['gen_bits_per_byte']:>14.3f}")
-        mean_ppl = statistics.mean(r["gen_ppl"] for r in rows["adapted"])
-        mean_bpb = statistics.mean(r["gen_bits_per_byte"] for r in rows["adapted"])
-        shuffled = base["shuffled_words"]
-        print(f"  adapted samples / shuffled text: {mean_ppl / shuffled['gen_ppl']:.2f}x per token, "
-              f"{mean_bpb / shuffled['gen_bits_per_byte']:.2f}x per byte")
-    print("\nexample (adapted, seed 0):", repr(out["samples"]["SmolLM2-135M"]["adapted"][0]["example"]))
+    out["texts"] = {name: [r.pop("texts") for r in got] for name, got in samples.items()}
+    for b in args.block_lengths:
+        example = out["texts"][f"adapted b{b}"][0][0][:300]
+        print(f"example (adapted, blocks of {b}, seed 0): {example!r}")
     if args.out:
         args.out.write_text(json.dumps(out, indent=1, default=lambda v: None if isinstance(v, float) and
                                        math.isnan(v) else v))

@@ -20,8 +20,8 @@ unmask prepare-data "$CORPUS" --out data/shakespeare-smollm2 --tokenizer "$SMOLL
 echo "== 3/6 adapt: SmolLM2-135M -> masked diffusion (configs/adapt-smollm2-cpu.toml)"
 unmask train configs/adapt-smollm2-cpu.toml --init-from "$SMOLLM2" "$@"
 
-echo "== 4/6 held-out NELBO and top-1 accuracy, then samples and an infill (temperature 1, blocks of 4)"
-unmask eval --checkpoint runs/adapt-smollm2-cpu --batches 8 --steps 16 --num-samples 1 --length 16 \
+echo "== 4/6 held-out NELBO and top-1 accuracy, then samples and an infill (temperature 1)"
+unmask eval --checkpoint runs/adapt-smollm2-cpu --batches 4 --time-samples 4 --steps 16 --num-samples 1 --length 16 \
   --out runs/adapt-smollm2-cpu/eval.json > /dev/null
 python - <<'PY'
 import json
@@ -29,9 +29,13 @@ r = json.load(open("runs/adapt-smollm2-cpu/eval.json"))["likelihood"]
 print(f"held-out NELBO {r['nats_per_token']:.3f} +- {r['stderr']:.3f} nats/token ({r['bits_per_byte']:.3f} bits/byte), "
       f"top-1 accuracy on masked tokens {r['accuracy']:.3f}, {r['tokens']} tokens")
 PY
-unmask sample --checkpoint runs/adapt-smollm2-cpu --num-samples 2 --length 96 --steps 96 --block-length 4 \
+# One token per step, left to right (blocks of 1) reads best after 15 minutes of adaptation; blocks of 4 let the
+# model choose the order inside each block (README "Adapting a pretrained LM" has both scored).
+unmask sample --checkpoint runs/adapt-smollm2-cpu --num-samples 1 --length 96 --steps 96 --block-length 1 \
   --out runs/adapt-smollm2-cpu/samples.jsonl
-unmask sample --checkpoint runs/adapt-smollm2-cpu --steps 24 --block-length 4 \
+unmask sample --checkpoint runs/adapt-smollm2-cpu --num-samples 1 --length 96 --steps 96 --block-length 4 --seed 1 \
+  >> runs/adapt-smollm2-cpu/samples.jsonl
+unmask sample --checkpoint runs/adapt-smollm2-cpu --steps 24 --block-length 1 \
   --prompt "ROMEO: But soft, what light through yonder window breaks? <mask:24> Juliet is the sun." \
   >> runs/adapt-smollm2-cpu/samples.jsonl
 python -c 'import json,sys; [print("---", json.loads(l)["text"][:500]) for l in open(sys.argv[1])]' \

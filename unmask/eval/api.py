@@ -60,7 +60,7 @@ def scored_texts(loaded, batches) -> list[str]:
 def samples_at(loaded, steps: int, reference=None, *, num_samples: int, length: int, sampler: str = "ancestral",
                seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                block_length: int | None = None, threshold: float = 0.9, kv_cache: str = "none",
-               cache_refresh: int = 0) -> dict:
+               cache_refresh: int = 0, keep_texts: bool = False) -> dict:
     """One row of the quality table: `num_samples` unconditional samples of `length` tokens in `steps` steps (the
     threshold sampler takes as many as it needs: read nfe). The sampling knobs default to SamplerConfig's (plain
     ancestral sampling)."""
@@ -84,6 +84,8 @@ def samples_at(loaded, steps: int, reference=None, *, num_samples: int, length: 
     if reference is not None:
         scored = generative_perplexity(texts, reference)
         row["gen_ppl"], row["gen_bits_per_byte"] = scored.perplexity, scored.bits_per_byte
+    if keep_texts:  # to score the same samples under other judges
+        row["texts"] = texts
     return row
 
 
