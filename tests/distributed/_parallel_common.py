@@ -104,7 +104,8 @@ def evaluate(engine, cfg: Config, dims, eval_split: int | None) -> list[float]:
     terms = [0.0, 0.0]
     for r in ranks:  # held-out rows strided like the loader
         batch = x0[r::split] if prompt is None else (prompt[0][r::split], prompt[1][r::split])
-        per_seq, counts, _ = engine.eval_terms(batch, 2, 123)
+        got = engine.eval_terms(batch, 2, 123)
+        per_seq, counts = got.nll, got.tokens
         terms = [terms[0] + float(per_seq.sum()), terms[1] + float(counts.sum())]
     return engine.all_reduce_dp(terms)
 

@@ -102,7 +102,8 @@ def test_unmask_ar_reference_agrees_with_the_objective():
     encode = lambda text: [10 + ord(c) % 200 for c in text]  # noqa: E731 - a stand-in tokenizer
     ref = UnmaskCausalLM(model, encode, bos_id=2, pad_id=0)
     res = generative_perplexity(["hello world", "masked diffusion"], ref, batch_size=2)
-    nll, counts, _ = Autoregressive(pad_id=0).eval_terms(model, torch.tensor([ref.encode("masked diffusion")]))
+    terms = Autoregressive(pad_id=0).eval_terms(model, torch.tensor([ref.encode("masked diffusion")]))
+    nll, counts = terms.nll, terms.tokens
     assert res.per_text[1][1] == int(counts[0]) == 16
     assert res.per_text[1][0] == pytest.approx(float(nll[0]), rel=1e-5)
 
