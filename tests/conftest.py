@@ -71,3 +71,14 @@ def shakespeare_shards(tmp_path_factory, shakespeare_dir) -> Path:
     prepare_data(PrepareOptions(inputs=[str(shakespeare_dir)], out=out, vocab_size=512, seq_len=128,
                                 val_fraction=0.05, workers=2, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M's GGUF file from the eval extra (skips where that optional extra is not installed)."""
+    from unmask.eval.genppl import smollm2_path
+
+    try:
+        return smollm2_path()
+    except Exception as e:  # noqa: BLE001 - any failure to find the optional extra
+        pytest.skip(str(e))

@@ -138,16 +138,6 @@ def test_default_and_tokenizer_choices(chatml_tok, tmp_path, capsys):
     assert read_manifest(out / "train").sft["chat_template"]["name"] == DEFAULT_TEMPLATE.name
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    from unmask.eval.genppl import smollm2_path
-
-    try:
-        return smollm2_path()
-    except Exception as e:  # noqa: BLE001 - any failure to find the optional extra
-        pytest.skip(str(e))
-
-
 @pytest.mark.slow
 def test_smollm2_gguf_template_is_picked_up(tmp_path, smollm2_gguf):
     from transformers import AutoTokenizer

@@ -1,7 +1,6 @@
 """Llama/Mistral/Qwen2 causal LMs imported into the unmask backbone give the source's logits under a causal mask
 (small random configs saved locally; SmolLM2-135M from its GGUF in the slow test)."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -209,17 +208,6 @@ def test_prepare_data_with_the_imported_tokenizer(tmp_path, name, workers):
     tok = HFTokenizer(out / "tokenizer.json")
     text = (tmp_path / "corpus" / "0.txt").read_text()
     assert tok.encode_batch([text]) == [tok.encode(text)] and tok.decode(tok.encode(text)) == text
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M's GGUF file from the eval extra (skips where that optional extra is not installed)."""
-    from unmask.eval.genppl import smollm2_path
-
-    try:
-        return smollm2_path()
-    except Exception as e:  # noqa: BLE001 - any failure to find the optional extra
-        pytest.skip(str(e))
 
 
 @pytest.mark.slow
