@@ -301,9 +301,10 @@ class Config(Section):
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
-        if self.model.qkv_bias and self.parallel.tp > 1:
-            raise ValueError(f"model.qkv_bias (a Qwen2 import) has no tensor-parallel layout: set parallel.tp=1 "
-                             f"(got {self.parallel.tp}); ZeRO and pipeline parallelism work")
+        if self.model.arch == "bert" and self.parallel.pp > 1:
+            raise ValueError(f"parallel.pp={self.parallel.pp} with model.arch='bert': pipeline stages are cut from "
+                             "unmask's own blocks; train a BERT/RoBERTa import with pp=1 (tensor parallelism and "
+                             "ZeRO work)")
         if self.diffusion.objective == "bd3lm":
             self._check_block_diffusion()
         if self.lora.rank:

@@ -27,9 +27,11 @@ def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def main() -> None:
     world = int(os.environ["WORLD_SIZE"])
-    write_result({tied: compare(make_cfg(parallel={"tp": world, "engine": "deepspeed"},
-                                         model={"tie_embeddings": tied == "tied"}))
-                  for tied in ("untied", "tied")})
+    variants = {"untied": {}, "tied": {"tie_embeddings": True},
+                "qkv_bias": {"qkv_bias": True},  # a Qwen2 import: column-parallel q/k/v biases
+                "bert": {"arch": "bert", "n_kv_heads": None, "tie_embeddings": True}}  # biases everywhere
+    write_result({name: compare(make_cfg(parallel={"tp": world, "engine": "deepspeed"}, model=fields))
+                  for name, fields in variants.items()})
 
 
 def compare(cfg) -> dict:

@@ -83,3 +83,63 @@ def test_init_from_refuses_mismatched_shards_and_unknown_folders(tmp_path, tiny_
         init_from(tmp_path / "gpt", cfg)
     with pytest.raises(CheckpointError, match="holds a 'bert' model, not 'roberta'"):
         from_roberta(folder)
+
+
+def rewrite_weights(folder, rename=lambda k: k, extra=None):
+    """The folder's model.safetensors with its keys renamed and `extra` tensors added."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    state = {rename(k): v for k, v in load_file(file).items()} | (extra or {})
+    save_file(state, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_sharded_build_reads_each_stored_tensor_once(tmp_path, family):
+    """A safetensors folder is read lazily: nothing at import but the small position tables, then each stored
+    tensor once while the model is built parameter by parameter (a rank holds its share plus one in transit)."""
+    from unmask.engines.build import build_sharded_model
+    from unmask.model.hf.lazy import LazyState
+    from unmask.parallel.dims import ParallelDims
+
+    folder, original = save(tmp_path, family)
+    fields, state, _ = (from_roberta if family == "roberta" else from_bert)(folder)
+    assert isinstance(state, LazyState) and state.reads == 0
+    cfg = Config.model_validate({"model": fields, "train": {"seq_len": 16}})
+    model = build_sharded_model(cfg, ParallelDims(), torch.device("cpu"), init_state=state).eval()
+    stored = {src for src in state.sources.values() if isinstance(src, tuple)}
+    assert state.reads == len(stored)  # the tied decoder is the embedding: read once
+    x = torch.randint(3, 98, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)
+
+
+def test_legacy_names_and_unused_heads_are_read_lazily_too(tmp_path):
+    """bert-base-uncased's own files: LayerNorm gamma/beta, a pooler and the next-sentence head (not part of the
+    masked LM) and a position_ids buffer; the import is still lazy and computes the original's logits."""
+    from unmask.model.hf.lazy import LazyState
+
+    folder, original = save(tmp_path, "bert")
+    legacy = {"weight": "gamma", "bias": "beta"}
+    rewrite_weights(folder, lambda k: k.rpartition(".")[0] + "." + legacy[k.rpartition(".")[2]]
+                    if "LayerNorm." in k else k,
+                    {"bert.pooler.dense.weight": torch.zeros(32, 32), "cls.seq_relationship.weight": torch.zeros(2, 32),
+                     "bert.embeddings.position_ids": torch.arange(66)[None]})
+    fields, state, _ = from_bert(folder)
+    assert isinstance(state, LazyState)
+    _, model = unmask_model(fields, state)
+    x = torch.randint(3, 98, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)
+
+
+def test_a_key_the_map_does_not_place_falls_back_to_transformers(tmp_path):
+    """An unknown stored key: transformers loads the folder whole (it decides what the key means), same logits."""
+    folder, original = save(tmp_path, "roberta")
+    rewrite_weights(folder, extra={"roberta.unknown.weight": torch.zeros(3)})
+    fields, state, _ = from_roberta(folder)
+    assert isinstance(state, dict)
+    _, model = unmask_model(fields, state)
+    x = torch.randint(3, 98, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)

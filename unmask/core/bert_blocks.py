@@ -100,6 +100,16 @@ class BertTransformer(nn.Module):
             h = layer(h)
         return self.output(self.head(h))
 
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill `tensor`, the full-size value of parameter `name`, by `init_weights`' rule from `generator` (sharded
+        builds call it one parameter at a time, as `Transformer.init_parameter`)."""
+        if name.endswith(".bias"):
+            tensor.zero_()
+        elif name.rpartition(".")[0].endswith("norm"):  # emb_norm, attention_norm, ffn_norm, head.norm
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, self.cfg.init_std, generator=generator)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """BERT's init: normal(init_std) weights, zero biases, LayerNorm (1, 0)."""

@@ -33,8 +33,6 @@ def build_sharded_model(cfg: Config, dims: ParallelDims, device: torch.device,
     """This rank's tensor-parallel share of the model (the whole model at tp=1), built on the meta device and
     filled parameter by parameter from (cfg.train.seed, name) or from `init_state`'s full weights, sliced."""
     model = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device="meta")
-    if not hasattr(model, "init_parameter"):  # a family without a per-parameter rule (bert): whole, then sliced
-        return whole_model(cfg, device, init_state)
     if dims.tp > 1:
         from unmask.parallel.tensor import TP_PLAN, apply_tensor_parallel
 
@@ -45,15 +43,7 @@ def build_sharded_model(cfg: Config, dims: ParallelDims, device: torch.device,
 def whole_model(cfg: Config, device: torch.device, init_state: Mapping | None = None) -> nn.Module:
     """The whole plain model with the same weights as the sharded build (for stages that need all of it)."""
     model = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device="meta")
-    if hasattr(model, "init_parameter"):
-        return materialize(model, device, model.init_parameter, cfg.train.seed, source=init_state)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device=device)
-    if init_state is not None:
-        from unmask.model.hf.lazy import load_into
-
-        load_into(model, init_state)  # one tensor at a time: init_state may be read lazily
-    return model
+    return materialize(model, device, model.init_parameter, cfg.train.seed, source=init_state)
 
 
 def with_lora(model: nn.Module, cfg: Config) -> nn.Module:

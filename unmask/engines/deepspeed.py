@@ -140,12 +140,11 @@ def build_zero3_model(cfg: Config, ds_config: dict, device: torch.device, init_s
     (unmask.model.build.fill_parameter: same seed, same weights) and partitioned again."""
     import deepspeed
 
-    from unmask.core.transformer import Transformer
-    from unmask.model.build import fill_parameter
+    from unmask.model.build import fill_parameter, new_model
     from unmask.parallel.mpu import MegatronMPU
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(), remote_device=None):
-        model = Transformer(cfg.model, causal=cfg.causal, block_size=cfg.block_size)
+        model = new_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size)
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             fill_parameter(name, p.data, model.init_parameter, cfg.train.seed, init_state)
@@ -157,7 +156,7 @@ def build_model_share(cfg: Config, dims: ParallelDims, device: torch.device, ds_
     """This rank's share: ZeRO-3 partitions (tp = 1, unmask's Transformer) or the tensor-parallel share."""
     from unmask.engines.build import build_sharded_model
 
-    if cfg.parallel.zero_stage == 3 and dims.tp == 1 and cfg.model.arch != "bert":
+    if cfg.parallel.zero_stage == 3 and dims.tp == 1:
         return build_zero3_model(cfg, ds_config, device, init_state)
     return build_sharded_model(cfg, dims, device, init_state)
 
@@ -176,10 +175,11 @@ def prepare_model(cfg: Config, model: nn.Module, dims: ParallelDims) -> nn.Modul
     if cfg.parallel.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
+        from unmask.core.bert_blocks import BertBlock
         from unmask.core.transformer import Block
 
         # Non-reentrant torch checkpointing; its wrapper strips its prefix from state-dict keys.
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (Block, BertBlock)))
     return model
 
 

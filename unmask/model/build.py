@@ -35,15 +35,21 @@ def build_model(cfg: ModelConfig, causal: bool = False, device: str | torch.devi
     building with `device="meta"` and calling `materialize` (or `to_empty` + `init_weights`) themselves.
     """
     with torch.device("meta"):
-        if cfg.arch == "bert":
-            model = BertTransformer(cfg, causal=causal)
-        else:  # block_size > 0: block diffusion's block-causal attention (Transformer)
-            model = Transformer(cfg, causal=causal, block_size=block_size)
+        model = new_model(cfg, causal, block_size)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+
+def new_model(cfg: ModelConfig, causal: bool = False, block_size: int = 0) -> nn.Module:
+    """The plain model of `cfg.arch`, constructed under whatever device or ZeRO-3 context the caller opened:
+    "unmask" gives a `Transformer` (block_size > 0: block diffusion's block-causal attention), "bert" a
+    `BertTransformer`. Both have `init_parameter`, the per-parameter rule sharded builds use."""
+    if cfg.arch == "bert":
+        return BertTransformer(cfg, causal=causal)
+    return Transformer(cfg, causal=causal, block_size=block_size)
 
 
 def param_seed(seed: int, name: str) -> int:

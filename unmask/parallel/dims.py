@@ -73,9 +73,6 @@ def validate_layout(cfg: Config, world: int, gpu: bool | None = None) -> Paralle
     for bad, msg in checks:
         if bad:
             raise ConfigError(f"{msg}; choose a tensor/pipeline degree that divides it")
-    arch = getattr(m, "arch", "unmask")
-    if arch != "unmask" and (p.tp > 1 or p.pp > 1):
-        raise ConfigError(f"model.arch={arch!r} supports data parallelism only; set parallel.tp=1 and parallel.pp=1")
     if p.engine == "local":
         for key, value, ok in [("world size", world, 1), ("parallel.tp", p.tp, 1), ("parallel.pp", p.pp, 1),
                                ("parallel.zero_stage", p.zero_stage, 0)]:

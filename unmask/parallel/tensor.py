@@ -59,9 +59,18 @@ def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], plan: dict[str,
     style splits, everything else (norms, time conditioning) replicated, taken from rank 0."""
     out = {}
     for key, first in shards[0].items():
-        style = plan_style(key.rpartition(".")[0], plan)
-        out[key] = first if style is None else torch.cat([s[key] for s in shards], dim=_SPLIT_DIM[style])
+        module, _, kind = key.rpartition(".")
+        dim = split_dim(plan_style(module, plan), kind)
+        out[key] = first if dim is None else torch.cat([s[key] for s in shards], dim=dim)
     return out
+
+
+def split_dim(style: str | None, kind: str = "weight") -> int | None:
+    """The dimension along which a planned module's `kind` ("weight" or "bias") is split, None if replicated: a
+    column layer's bias is split with its output features, a row layer's is whole (added after the all-reduce)."""
+    if style is None or (kind == "bias" and style == "row"):
+        return None
+    return 0 if kind == "bias" else _SPLIT_DIM[style]
 
 
 class _Column(ColumnParallelLinear):
@@ -93,11 +102,21 @@ def tp_slice(full: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 
-def _fill(layer: nn.Module, full: nn.Module, dim: int) -> nn.Module:
-    """Copy this rank's slice of `full.weight` into `layer` and mark the weight as tensor-parallel, which
-    DeepSpeed and megatron read to count a sharded gradient once per rank in the global grad norm."""
+def _fill(layer: nn.Module, full: nn.Module, style: str, tied: nn.Parameter | None = None) -> nn.Module:
+    """Copy this rank's slice of `full.weight` (or share `tied`, the shard of the weight it is tied to) and of its
+    bias (`split_dim`) into `layer`, and mark the weight as tensor-parallel, which DeepSpeed and megatron read to
+    count a sharded gradient once per rank in the global grad norm (megatron marks a column bias itself; a row
+    bias is replicated)."""
+    dim = _SPLIT_DIM[style]
     with torch.no_grad():
-        layer.weight.copy_(tp_slice(full.weight, dim))
+        if tied is not None:
+            del layer.weight
+            layer.weight = tied
+        else:
+            layer.weight.copy_(tp_slice(full.weight, dim))
+        if getattr(full, "bias", None) is not None:
+            bias_dim = split_dim(style, "bias")
+            layer.bias.copy_(full.bias if bias_dim is None else tp_slice(full.bias, bias_dim))
     if not hasattr(layer.weight, "tensor_model_parallel"):
         set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
     return layer.to(full.weight.device)
@@ -107,14 +126,12 @@ def _sharded_layer(style: str, full: nn.Module, mcfg: ModelParallelConfig) -> nn
     init = nn.init.zeros_  # never called: perform_initialization=False
     if style == "vocab":
         return VocabParallelEmbedding(full.num_embeddings, full.embedding_dim, init_method=init, config=mcfg)
-    if full.bias is not None:
-        raise ValueError(f"tensor parallelism of {type(full).__name__} with a bias is not supported (model.qkv_bias = "
-                         "true, a Qwen2 import, puts biases on wq/wk/wv): train it with parallel.tp = 1")
+    bias = full.bias is not None  # Qwen2's q/k/v, every BERT projection
     if style == "column":
-        return _Column(full.in_features, full.out_features, config=mcfg, init_method=init, bias=False,
+        return _Column(full.in_features, full.out_features, config=mcfg, init_method=init, bias=bias,
                        gather_output=False)
     if style == "row":
-        return _Row(full.in_features, full.out_features, config=mcfg, init_method=init, bias=False,
+        return _Row(full.in_features, full.out_features, config=mcfg, init_method=init, bias=bias,
                     input_is_parallel=True, skip_bias_add=False)
     raise ValueError(f"tensor-parallel style {style!r}; allowed: column, row, vocab")
 
@@ -140,18 +157,16 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] = TP_PLAN, gpu:
     for name, full in planned:
         style = plan_style(plain_name(name), plan)
         layer = _sharded_layer(style, full, mcfg)
-        if id(full.weight) in shards:
-            del layer.weight
-            layer.weight = shards[id(full.weight)]
-            if not meta:
-                layer = layer.to(full.weight.device)
-        elif meta:
-            if not hasattr(layer.weight, "tensor_model_parallel"):
+        tied = shards.get(id(full.weight))
+        if meta:
+            if tied is not None:
+                del layer.weight
+                layer.weight = tied
+            elif not hasattr(layer.weight, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(layer.weight, True, _SPLIT_DIM[style], 1)
-            shards[id(full.weight)] = layer.weight
         else:
-            layer = _fill(layer, full, _SPLIT_DIM[style])
-            shards[id(full.weight)] = layer.weight
+            layer = _fill(layer, full, style, tied)
+        shards.setdefault(id(full.weight), layer.weight)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.tp_applied = True

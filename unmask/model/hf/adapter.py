@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -62,9 +63,9 @@ _HEADS = {  # family -> (backbone prefix, {HF head module -> unmask module})
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _load_mlm(folder: Path, family: str):
-    """The HF model loaded by transformers itself, so tying and legacy key names are resolved as it does."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+def _mlm_config(folder: Path, family: str):
+    """The folder's transformers config, refused (naming the field) where unmask's BERT blocks differ."""
+    from transformers import AutoConfig
 
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -79,8 +80,50 @@ def _load_mlm(folder: Path, family: str):
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"{folder}: position_embedding_type={config.position_embedding_type!r}; only "
                               "absolute positions are supported")
+    return config
+
+
+def _loaded_mlm(folder: Path) -> dict[str, torch.Tensor]:
+    """The state of the model transformers loads itself (folders without safetensors, or with keys the lazy map
+    does not know): tying and legacy names resolved as transformers does, the whole model in memory once."""
+    from transformers import AutoModelForMaskedLM
+
     model = AutoModelForMaskedLM.from_pretrained(folder, dtype=torch.float32)
-    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+_LEGACY = {".gamma": ".weight", ".beta": ".bias"}  # TF-era LayerNorm names (bert-base-uncased's own files)
+_UNUSED = re.compile(r"(^|\.)(pooler\.|position_ids$)|^cls\.seq_relationship\.")  # not part of the MLM
+
+
+def _lazy_mlm(folder: Path, family: str, tied: bool) -> dict[str, tuple[Path, str]] | None:
+    """HF key (as `_from_mlm` reads it) -> (safetensors file, stored key), from the headers only; None when the
+    folder has no safetensors or a key this map does not place (then transformers loads the folder whole)."""
+    from unmask.model.hf.lazy import safetensors_sources
+
+    stored = safetensors_sources(folder)
+    if stored is None:
+        return None
+    prefix, head = _HEADS[family]
+    bias = "lm_head.bias" if family == "roberta" else "cls.predictions.bias"  # the decoder's bias, stored once
+    out = {}
+    for key, src in stored.items():
+        for old, new in _LEGACY.items():
+            key = key.removesuffix(old) + new if key.endswith(old) else key
+        if _UNUSED.search(key):
+            continue
+        module = key.rpartition(".")[0]
+        known = (key.startswith(prefix + "embeddings.") or bool(_LAYER_KEY.match(key.removeprefix(prefix)))
+                 or module in head or key == bias)
+        if not known:
+            return None
+        out[key] = src
+    decoder = next(m for m, ours in head.items() if ours == "output")
+    if tied or f"{decoder}.weight" not in out:
+        out[f"{decoder}.weight"] = out.get(prefix + "embeddings.word_embeddings.weight")
+    if f"{decoder}.bias" not in out and bias in out:
+        out[f"{decoder}.bias"] = out[bias]
+    return out
 
 
 def _special(folder: Path, config) -> SpecialTokens:
@@ -104,33 +147,39 @@ def _special(folder: Path, config) -> SpecialTokens:
     return SpecialTokens.from_dict(ids)
 
 
-def _from_mlm(folder: str | Path, family: str) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+def _from_mlm(folder: str | Path, family: str) -> tuple[dict, Mapping[str, torch.Tensor], SpecialTokens]:
+    from unmask.model.hf.lazy import LazyState
+
     folder = Path(folder)
-    config, hf = _load_mlm(folder, family)
+    config = _mlm_config(folder, family)
+    tied = bool(config.tie_word_embeddings)
+    lazy = _lazy_mlm(folder, family, tied)
+    # A safetensors folder is read one tensor at a time when the model is built (a rank holds its share plus one
+    # tensor in transit); otherwise transformers loads it whole.
+    hf = LazyState(lazy) if lazy is not None else _loaded_mlm(folder)
     prefix, head = _HEADS[family]
     # RoBERTa numbers positions from padding_idx + 1: drop the rows before, so unmask's position i is its i + offset.
     offset = config.pad_token_id + 1 if family == "roberta" else 0
     max_len = config.max_position_embeddings - offset
     emb = prefix + "embeddings."
-    state = {
-        "tok_embeddings.weight": hf[emb + "word_embeddings.weight"],
-        # Token type 0 is added at every position (inputs carry no segments): fold it into the position table.
-        "pos_embeddings.weight": (hf[emb + "position_embeddings.weight"][offset:]
-                                  + hf[emb + "token_type_embeddings.weight"][0]),
-        "emb_norm.weight": hf[emb + "LayerNorm.weight"], "emb_norm.bias": hf[emb + "LayerNorm.bias"],
-    }
-    for k, v in hf.items():
-        if m := _LAYER_KEY.match(k.removeprefix(prefix)):
+    places = {"tok_embeddings.weight": emb + "word_embeddings.weight",
+              "emb_norm.weight": emb + "LayerNorm.weight", "emb_norm.bias": emb + "LayerNorm.bias"}
+    for k in hf:
+        if (m := _LAYER_KEY.match(k.removeprefix(prefix))) and m.group(2) in _LAYER:
             layer, module, kind = m.groups()
-            if module in _LAYER:
-                state[f"layers.{layer}.{_LAYER[module]}.{kind}"] = v
+            places[f"layers.{layer}.{_LAYER[module]}.{kind}"] = k
     for hf_module, ours in head.items():
         for kind in ("weight", "bias"):
             if f"{hf_module}.{kind}" in hf:
-                state[f"{ours}.{kind}"] = hf[f"{hf_module}.{kind}"]
-    tied = bool(config.tie_word_embeddings)
-    if tied and not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
-        raise CheckpointError(f"{folder}: tie_word_embeddings is set but the decoder differs from the embeddings")
+                places[f"{ours}.{kind}"] = f"{hf_module}.{kind}"
+    # Token type 0 is added at every position (inputs carry no segments): fold it into the (small) position table.
+    positions = hf[emb + "position_embeddings.weight"][offset:] + hf[emb + "token_type_embeddings.weight"][0]
+    if lazy is not None:
+        state = LazyState({ours: lazy[k] for ours, k in places.items()} | {"pos_embeddings.weight": positions})
+    else:
+        state = {ours: hf[k] for ours, k in places.items()} | {"pos_embeddings.weight": positions}
+        if tied and not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+            raise CheckpointError(f"{folder}: tie_word_embeddings is set but the decoder differs from the embeddings")
     model = dict(arch="bert", dim=config.hidden_size, n_layers=config.num_hidden_layers,
                  n_heads=config.num_attention_heads, ffn_dim=config.intermediate_size, vocab_size=config.vocab_size,
                  max_seq_len=max_len, norm_eps=config.layer_norm_eps, tie_embeddings=tied,
@@ -138,13 +187,13 @@ def _from_mlm(folder: str | Path, family: str) -> tuple[dict, dict[str, torch.Te
     return model, state, _special(folder, config)
 
 
-def from_roberta(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+def from_roberta(folder: str | Path) -> tuple[dict, Mapping[str, torch.Tensor], SpecialTokens]:
     """A RobertaForMaskedLM folder -> (ModelConfig fields, plain state dict, special tokens). Positions: unmask
     numbers every token 0..L-1 (+2 in RoBERTa's table); RoBERTa skips <pad> tokens, so logits agree exactly on
     inputs without <pad> (unmask's shards only pad the end of the last sample of a document)."""
     return _from_mlm(folder, "roberta")
 
 
-def from_bert(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+def from_bert(folder: str | Path) -> tuple[dict, Mapping[str, torch.Tensor], SpecialTokens]:
     """A BertForMaskedLM folder -> (ModelConfig fields, plain state dict, special tokens); token type 0."""
     return _from_mlm(folder, "bert")

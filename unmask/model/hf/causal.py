@@ -21,7 +21,6 @@ ambiguous in text, so it is not done. The source's logits are the first `vocab_s
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from unmask.data.hf_tokenizer import special_of
 from unmask.data.special import SpecialTokens
 from unmask.errors import CheckpointError
-from unmask.model.hf.lazy import LazyState
+from unmask.model.hf.lazy import LazyState, safetensors_sources
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -142,20 +141,6 @@ def _with_mask_row(rows: int):
     return grow
 
 
-def _folder_sources(folder: Path) -> dict[str, tuple[Path, str]] | None:
-    """HF key -> (safetensors file, key), or None when the folder has no safetensors."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: (folder / f, k) for k, f in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        return None
-    with safe_open(str(single), framework="pt") as f:  # the header only
-        return {k: (single, k) for k in f.keys()}
-
-
 def _loaded_state(folder: Path, kw: dict) -> dict[str, torch.Tensor]:
     """The state dict of the model transformers loads itself (GGUF: dequantized to fp32, q/k un-permuted)."""
     from transformers import AutoModelForCausalLM
@@ -177,7 +162,7 @@ def from_causal_lm(path: str | Path) -> tuple[dict, LazyState | dict[str, torch.
     grown = rows - fields["vocab_size"]
     fields["vocab_size"] = rows
     tied = fields["tie_embeddings"]
-    hf_sources = None if "gguf_file" in kw else _folder_sources(folder)
+    hf_sources = None if "gguf_file" in kw else safetensors_sources(folder)
     if hf_sources is not None:
         sources = {plain: src for k, src in hf_sources.items() if (plain := plain_key(k)) is not None}
         if tied or "output.weight" not in sources:

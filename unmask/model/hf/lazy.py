@@ -21,10 +21,10 @@ class LazyState(Mapping):
     tensor after reading (an imported causal LM's embeddings gain their `<mask>` row there) and `grown[key]` says
     how many rows it adds, so `shape` stays a header read."""
 
-    def __init__(self, sources: dict[str, tuple[Path, str]],
+    def __init__(self, sources: dict[str, tuple[Path, str] | torch.Tensor],
                  transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                  grown: dict[str, int] | None = None):
-        self.sources = sources
+        self.sources = sources  # a tensor value is held already (a small one computed from several stored ones)
         self.transforms = transforms or {}
         self.grown = grown or {}
         self.reads = 0
@@ -32,7 +32,10 @@ class LazyState(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        file, stored = self.sources[key]  # KeyError for a key the folder does not have, as a dict
+        source = self.sources[key]  # KeyError for a key the folder does not have, as a dict
+        if isinstance(source, torch.Tensor):
+            return source
+        file, stored = source
         with safe_open(str(file), framework="pt") as f:
             tensor = f.get_tensor(stored)
         self.reads += 1
@@ -52,10 +55,30 @@ class LazyState(Mapping):
         """The stored shape of `key`, from the file's header (no tensor read)."""
         from safetensors import safe_open
 
-        file, stored = self.sources[key]
+        source = self.sources[key]
+        if isinstance(source, torch.Tensor):
+            return list(source.shape)
+        file, stored = source
         with safe_open(str(file), framework="pt") as f:
             shape = list(f.get_slice(stored).get_shape())
         return [shape[0] + self.grown.get(key, 0), *shape[1:]]
+
+
+def safetensors_sources(folder: Path) -> dict[str, tuple[Path, str]] | None:
+    """Stored key -> (safetensors file, key) of a `save_pretrained` folder (one file or an index), from the headers
+    only; None when the folder has no safetensors (an older pytorch_model.bin)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: (folder / f, k) for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(str(single), framework="pt") as f:
+        return {k: (single, k) for k in f.keys()}
 
 
 @torch.no_grad()
