@@ -29,17 +29,19 @@ from unmask.parallel.dims import ParallelDims
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     zero: dict = {"stage": p.zero_stage}
-    # Buckets sized to the model (counting.zero_bucket), not DeepSpeed's 5e8/1e9; at stage 3 the optimizer steps
-    # over sub-groups of that size too, so its temporaries are a bucket, not the whole partition (1.03x -> 0.71x
-    # of one process's peak at DP=2, bench/memory.py --layouts one,zero3).
+    # Buckets sized to the model (counting.zero_bucket: one block), not DeepSpeed's 5e8/1e9; at stage 3 the
+    # optimizer steps over sub-groups of that size too, so its temporaries are a bucket, not the whole partition,
+    # and two blocks stay gathered at most (the next one prefetched). Per-rank peak at DP=2 against one process
+    # (bench/memory.py --layouts one,zero3): 1.03x with the defaults, 0.60x with two-block buckets, 0.58x now.
     if p.zero_stage >= 1:
-        from unmask.model.counting import zero_bucket
+        from unmask.model.counting import zero3_live_params, zero_bucket
 
         bucket = zero_bucket(cfg.model)
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
         if p.zero_stage == 3:
-            zero.update(stage3_prefetch_bucket_size=bucket, stage3_max_live_parameters=bucket,
-                        stage3_max_reuse_distance=bucket, sub_group_size=bucket)
+            live = zero3_live_params(cfg.model)
+            zero.update(stage3_prefetch_bucket_size=live, stage3_max_live_parameters=live,
+                        stage3_max_reuse_distance=live, sub_group_size=bucket)
     if p.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:

@@ -50,9 +50,16 @@ DS_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket, in elements
 
 
 def zero_bucket(m: ModelConfig) -> int:
-    """Elements in each of DeepSpeed's ZeRO buckets (reduce, all-gather, ZeRO-3 prefetch and live parameters), as
-    unmask's DeepSpeed config sets them: two blocks' worth, at most DeepSpeed's default. The defaults (5e8
-    reduce, 1e9 live) keep a small model gathered whole and cost a 350m-parameter run 2-3x its ZeRO-3 share."""
+    """Elements in each of DeepSpeed's ZeRO reduce and all-gather buckets and ZeRO-3's optimizer sub-groups, as
+    unmask's DeepSpeed config sets them: one block's worth (a rank holds its share plus one layer in transit), at
+    most DeepSpeed's default. The defaults (5e8 reduce, 1e9 live) keep a small model gathered whole and cost a
+    350m-parameter run 2-3x its ZeRO-3 share."""
+    return int(min(DS_BUCKET, max(block_params(m), largest_tensor(m))))
+
+
+def zero3_live_params(m: ModelConfig) -> int:
+    """Elements ZeRO-3 may keep gathered (its prefetch bucket and live-parameter cap): two blocks, so the next
+    block's all-gather overlaps this block's compute (FSDP's one-layer prefetch), at most DeepSpeed's default."""
     return int(min(DS_BUCKET, max(2 * block_params(m), largest_tensor(m))))
 
 

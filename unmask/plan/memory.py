@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from unmask.config import Config, ModelConfig
-from unmask.model.counting import block_params, largest_tensor, param_count, zero_bucket
+from unmask.model.counting import block_params, largest_tensor, param_count, zero3_live_params, zero_bucket
 
 GIB = 2**30
 GPU_OVERHEAD = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation (a rule of thumb, not measured)
@@ -136,7 +136,7 @@ def estimate(cfg: Config, layout: Layout, seq_len: int | None = None, gpu: bool 
     bucket = zero_bucket(m)
     if L.zero in (1, 2):
         buffers = min(bucket, P) * w
-    elif L.zero == 3:  # the live (gathered) parameters and the reduce bucket
-        buffers = 2 * min(bucket, P) * w
+    elif L.zero == 3:  # the live (gathered, prefetched) parameters and the reduce bucket
+        buffers = (min(zero3_live_params(m), P) + min(bucket, P)) * w
     return Memory(params, grads, master, optimizer, activations, logits, buffers, GPU_OVERHEAD if gpu else 0.0,
                   build_peak(m, L))
