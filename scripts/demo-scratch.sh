@@ -26,14 +26,6 @@ python -c 'import json,sys; [print("---", json.loads(l)["text"][:400]) for l in 
 
 echo "== 5/7 distill: SDTT 256 -> 16 steps, judged by SmolLM2-135M (the eval extra, from PyPI)"
 unmask distill configs/distill-demo-cpu.toml --teacher runs/demo-cpu
-python - <<'PY'
-import json
-table = json.load(open("runs/distill-demo-cpu/distill_eval.json"))
-print(f"{'model':8} {'steps':>5} {'gen ppl':>8} {'entropy':>7} {'wall s':>7}")
-for r in table["rows"]:
-    print(f"{r['model']:8} {r['steps']:5d} {r.get('gen_ppl', float('nan')):8.1f} {r['unigram_entropy']:7.3f} "
-          f"{r['wall_s']:7.2f}")
-PY
 
 echo "== 6/7 export: the distilled student as a Hugging Face folder"
 unmask export --checkpoint runs/distill-demo-cpu --out hf/demo-16step

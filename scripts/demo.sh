@@ -43,14 +43,6 @@ python -c 'import json,sys; [print("---", json.loads(l)["text"][:500]) for l in 
 
 echo "== 5/6 distill: SDTT 64 -> 16 steps, judged by SmolLM2-135M"
 unmask distill configs/distill-adapt-cpu.toml --teacher runs/adapt-smollm2-cpu
-python - <<'PY'
-import json
-table = json.load(open("runs/distill-adapt-cpu/distill_eval.json"))
-print(f"{'model':8} {'steps':>5} {'gen ppl':>8} {'entropy':>7} {'wall s':>7}")
-for r in table["rows"]:
-    print(f"{r['model']:8} {r['steps']:5d} {r.get('gen_ppl', float('nan')):8.1f} {r['unigram_entropy']:7.3f} "
-          f"{r['wall_s']:7.2f}")
-PY
 
 echo "== 6/6 export: the adapted model and its distilled student as Hugging Face folders"
 unmask export --checkpoint runs/adapt-smollm2-cpu --out hf/smollm2-diffusion --force

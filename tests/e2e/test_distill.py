@@ -141,8 +141,12 @@ def test_evaluation_table(tiny_shards, teacher, tmp_path):
     cfg, state = prepare_config(cfg, None)
     student = build_model(cfg.model)
     student.load_state_dict(state)
-    table = evaluate_run(cfg, student, tmp_path, say=lambda _: None)
+    said = []
+    table = evaluate_run(cfg, student, tmp_path, say=said.append)
     assert [(r["model"], r["steps"]) for r in table["rows"]] == [("teacher", 16), ("teacher", 4), ("student", 4)]
+    printed = said[-1].splitlines()  # the table, as `unmask distill` prints it last
+    assert printed[1].split() == ["model", "steps", "gen", "ppl", "entropy", "wall", "s"]
+    assert [line.split()[:2] for line in printed[2:]] == [["teacher", "16"], ["teacher", "4"], ["student", "4"]]
     assert all(r["unigram_entropy"] > 0 and r["wall_s"] > 0 for r in table["rows"])
     assert json.loads((tmp_path / "distill_eval.json").read_text())["rows"] == table["rows"]
     assert (tmp_path / "distill_eval.png").stat().st_size > 0

@@ -35,8 +35,20 @@ def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> d
             rows.append(row)
             say(f"{name} at {steps} steps: entropy {row['unigram_entropy']:.3f}"
                 + (f", gen ppl {row['gen_ppl']:.2f}" if "gen_ppl" in row else "") + f", {row['wall_s']:.2f}s")
-    table = {"teacher": d.teacher, "reference": d.reference, "objective": d.objective, "rows": rows}
-    return write_table(table, run_dir)
+    table = write_table({"teacher": d.teacher, "reference": d.reference, "objective": d.objective, "rows": rows},
+                        run_dir)
+    say(f"teacher against student ({d.eval_samples} samples per row, judge {d.reference or 'none'}; "
+        f"{Path(run_dir) / 'distill_eval.json'}):\n{format_table(table)}")
+    return table
+
+
+def format_table(table: dict) -> str:
+    """The rows of a distill_eval.json table as aligned text."""
+    lines = [f"{'model':8} {'steps':>5} {'gen ppl':>8} {'entropy':>7} {'wall s':>7}"]
+    for r in table["rows"]:
+        lines.append(f"{r['model']:8} {r['steps']:5d} {r.get('gen_ppl', float('nan')):8.1f} "
+                     f"{r['unigram_entropy']:7.3f} {r['wall_s']:7.2f}")
+    return "\n".join(lines)
 
 
 def write_table(table: dict, run_dir: Path) -> dict:
