@@ -85,6 +85,12 @@ def test_init_from_refuses_mismatched_shards_and_unknown_folders(tmp_path, tiny_
         from_roberta(folder)
 
 
+def assert_same_logits(model, original):
+    x = torch.randint(3, 98, (2, 40))  # no <pad>: RoBERTa would give it its own position
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)
+
+
 def rewrite_weights(folder, rename=lambda k: k, extra=None):
     """The folder's model.safetensors with its keys renamed and `extra` tensors added."""
     from safetensors.torch import load_file, save_file
@@ -109,9 +115,7 @@ def test_sharded_build_reads_each_stored_tensor_once(tmp_path, family):
     model = build_sharded_model(cfg, ParallelDims(), torch.device("cpu"), init_state=state).eval()
     stored = {src for src in state.sources.values() if isinstance(src, tuple)}
     assert state.reads == len(stored)  # the tied decoder is the embedding: read once
-    x = torch.randint(3, 98, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)
+    assert_same_logits(model, original)
 
 
 def test_legacy_names_and_unused_heads_are_read_lazily_too(tmp_path):
@@ -127,10 +131,7 @@ def test_legacy_names_and_unused_heads_are_read_lazily_too(tmp_path):
                      "bert.embeddings.position_ids": torch.arange(66)[None]})
     fields, state, _ = from_bert(folder)
     assert isinstance(state, LazyState)
-    _, model = unmask_model(fields, state)
-    x = torch.randint(3, 98, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)
+    assert_same_logits(unmask_model(fields, state)[1], original)
 
 
 def test_a_key_the_map_does_not_place_falls_back_to_transformers(tmp_path):
@@ -139,7 +140,4 @@ def test_a_key_the_map_does_not_place_falls_back_to_transformers(tmp_path):
     rewrite_weights(folder, extra={"roberta.unknown.weight": torch.zeros(3)})
     fields, state, _ = from_roberta(folder)
     assert isinstance(state, dict)
-    _, model = unmask_model(fields, state)
-    x = torch.randint(3, 98, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), original(x).logits, atol=1e-5, rtol=0)
+    assert_same_logits(unmask_model(fields, state)[1], original)
