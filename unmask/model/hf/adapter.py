@@ -118,9 +118,12 @@ def _lazy_mlm(folder: Path, family: str, tied: bool) -> dict[str, tuple[Path, st
         if not known:
             return None
         out[key] = src
+    embeddings = out.get(prefix + "embeddings.word_embeddings.weight")
+    if embeddings is None:
+        return None  # transformers' own load names what is missing
     decoder = next(m for m, ours in head.items() if ours == "output")
-    if tied or f"{decoder}.weight" not in out:
-        out[f"{decoder}.weight"] = out.get(prefix + "embeddings.word_embeddings.weight")
+    if tied or f"{decoder}.weight" not in out:  # a tied decoder is the embedding (save_pretrained stores it once)
+        out[f"{decoder}.weight"] = embeddings
     if f"{decoder}.bias" not in out and bias in out:
         out[f"{decoder}.bias"] = out[bias]
     return out

@@ -55,10 +55,9 @@ def _read_unmask(folder: Path, config: dict) -> tuple[dict, LazyState, SpecialTo
 
 def read_folder(hf_dir: str | Path) -> tuple[dict, Mapping[str, torch.Tensor], SpecialTokens]:
     """(ModelConfig fields, plain fp32 state, special tokens) of an unmask export, a BERT/RoBERTa MLM or a
-    Llama-family causal LM (a folder or a .gguf file; see unmask.model.hf.causal). An
-    export's state is a `LazyState` (each tensor read when asked for); a BERT/RoBERTa one is a dict, since
-    transformers resolves its tying and legacy names by loading the model whole (and unmask's BERT family is
-    built whole anyway: it has no per-parameter rule)."""
+    Llama-family causal LM (a folder or a .gguf file; see unmask.model.hf.causal). A folder with safetensors
+    gives a `LazyState` (each tensor read when asked for, so a sharded build holds its share plus one tensor in
+    transit); a GGUF file, or a folder transformers must load itself, gives a dict."""
     from unmask.model.hf.adapter import from_bert, from_roberta
     from unmask.model.hf.causal import ARCHITECTURES, from_causal_lm
 
