@@ -2,8 +2,9 @@
 
 usage: _init_from_sharded.py OUT.json LAYOUT [bert]   (LAYOUT: tp2 | zero3)
 Rank 0 writes the export (the tiny model's shape, weights of another seed), or with `bert` a BertForMaskedLM folder
-(save_pretrained; biases everywhere, tied decoder); every rank builds its share from the folder's LazyState. Rank 0 writes the largest difference between the gathered weights and the exported ones, and
-how many tensors each rank read against the folder's count."""
+(save_pretrained; biases everywhere, tied decoder); every rank builds its share from the folder's LazyState.
+Rank 0 writes the largest difference between the gathered weights and the exported ones, and how many tensors
+each rank read against the folder's count."""
 
 from __future__ import annotations
 
