@@ -101,8 +101,9 @@ class BertTransformer(nn.Module):
         return self.output(self.head(h))
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Fill `tensor`, the full-size value of parameter `name`, by `init_weights`' rule from `generator` (sharded
-        builds call it one parameter at a time, as `Transformer.init_parameter`)."""
+        """BERT's init for parameter `name` on its full-size `tensor`: normal(init_std) weights, zero biases,
+        LayerNorm (1, 0), drawn from `generator` (sharded builds call it one parameter at a time, as
+        `Transformer.init_parameter`; `init_weights` with torch's global RNG)."""
         if name.endswith(".bias"):
             tensor.zero_()
         elif name.rpartition(".")[0].endswith("norm"):  # emb_norm, attention_norm, ffn_norm, head.norm
@@ -112,15 +113,9 @@ class BertTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """BERT's init: normal(init_std) weights, zero biases, LayerNorm (1, 0)."""
-        for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        if self.cfg.tie_embeddings:
+        """Every parameter by `init_parameter` (a tied output weight is the embedding, filled once)."""
+        if self.cfg.tie_embeddings:  # to_empty from the meta device gives each use its own tensor: tie again
             self.output.weight = self.tok_embeddings.weight
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
 

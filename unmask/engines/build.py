@@ -42,8 +42,7 @@ def build_sharded_model(cfg: Config, dims: ParallelDims, device: torch.device,
 
 def whole_model(cfg: Config, device: torch.device, init_state: Mapping | None = None) -> nn.Module:
     """The whole plain model with the same weights as the sharded build (for stages that need all of it)."""
-    model = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device="meta")
-    return materialize(model, device, model.init_parameter, cfg.train.seed, source=init_state)
+    return build_sharded_model(cfg, ParallelDims(), device, init_state)
 
 
 def with_lora(model: nn.Module, cfg: Config) -> nn.Module:

@@ -107,7 +107,7 @@ def _fill(layer: nn.Module, full: nn.Module, style: str, tied: nn.Parameter | No
     bias (`split_dim`) into `layer`, and mark the weight as tensor-parallel, which DeepSpeed and megatron read to
     count a sharded gradient once per rank in the global grad norm (megatron marks a column bias itself; a row
     bias is replicated)."""
-    dim = _SPLIT_DIM[style]
+    dim = split_dim(style)
     with torch.no_grad():
         if tied is not None:
             del layer.weight
@@ -163,7 +163,7 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str] = TP_PLAN, gpu:
                 del layer.weight
                 layer.weight = tied
             elif not hasattr(layer.weight, "tensor_model_parallel"):
-                set_tensor_model_parallel_attributes(layer.weight, True, _SPLIT_DIM[style], 1)
+                set_tensor_model_parallel_attributes(layer.weight, True, split_dim(style), 1)
         else:
             layer = _fill(layer, full, style, tied)
         shards.setdefault(id(full.weight), layer.weight)
