@@ -55,3 +55,16 @@ def per_sample_uniforms(seed: int, key: BatchKey, batch: int, length: int,
     rows = [torch.rand(length, dtype=dtype, generator=torch.Generator().manual_seed(mix(seed, key.step, int(i))))
             for i in key.indices(batch)]
     return torch.stack(rows)
+
+
+def per_sample_normals(seed: int, key: BatchKey, batch: int, shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """N(0, 1) draws [B, *shape] (float32), row i seeded by sample i's global index like `per_sample_uniforms`,
+    drawn on `device` (Duo's Gaussian latents are [L, V] per sample: generating them on the host would move
+    gigabytes a step). The values depend on the device type's generator: CPU and CUDA runs differ, as any two
+    runs on different hardware do; every layout on one device type agrees."""
+    device = torch.device(device or "cpu")
+    rows = []
+    for i in key.indices(batch):
+        g = torch.Generator(device=device).manual_seed(mix(seed, key.step, int(i)))
+        rows.append(torch.randn(shape, generator=g, device=device))
+    return torch.stack(rows)
