@@ -259,6 +259,9 @@ class DistillConfig(Section):
     eval_teacher_steps: list[int] = Field([1024, 256, 64, 16, 8], description="teacher sampling steps evaluated")
     eval_student_steps: list[int] = Field([64, 16, 8], description="student sampling steps evaluated")
     eval_samples: int = Field(16, gt=0, description="unconditional samples per table row")
+    eval_seeds: list[int] = Field(
+        [0, 1, 2], min_length=1, description="one sample set per seed: every row is reported as mean +- sd over "
+        "the sets, and a comparison is stated only when every set agrees")
     eval_length: int | None = Field(None, gt=0, description="tokens per sample (default train.seq_len)")
     eval_block_length: int | None = Field(
         None, gt=0, description="sample the table's rows in semi-autoregressive blocks of this many positions (the "

@@ -135,7 +135,7 @@ def test_evaluation_table(tiny_shards, teacher, tmp_path):
     cfg = student_config(tiny_shards, tmp_path, "--distill.start_steps=4", "--distill.final_steps=2",
                          "--distill.steps_per_round=1", f"--distill.teacher={teacher}", "--distill.eval_samples=2",
                          "--distill.eval_length=32", "--distill.eval_teacher_steps=[16, 4]",
-                         "--distill.eval_student_steps=[4]")
+                         "--distill.eval_student_steps=[4]", "--distill.eval_seeds=[0, 1]")
     from unmask.model.build import build_model
 
     cfg, state = prepare_config(cfg, None)
@@ -145,9 +145,13 @@ def test_evaluation_table(tiny_shards, teacher, tmp_path):
     table = evaluate_run(cfg, student, tmp_path, say=said.append)
     assert [(r["model"], r["steps"]) for r in table["rows"]] == [("teacher", 16), ("teacher", 4), ("student", 4)]
     printed = said[-1].splitlines()  # the table, as `unmask distill` prints it last
-    assert printed[1].split() == ["model", "steps", "gen", "ppl", "entropy", "wall", "s"]
+    assert printed[1].split() == ["model", "steps", "gen", "ppl", "(mean", "+-", "sd)", "entropy", "wall", "s"]
     assert [line.split()[:2] for line in printed[2:]] == [["teacher", "16"], ["teacher", "4"], ["student", "4"]]
     assert all(r["unigram_entropy"] > 0 and r["wall_s"] > 0 for r in table["rows"])
+    for r in table["rows"]:  # two sample sets (seeds 0, 1): their mean and spread, each set kept
+        sets = r["unigram_entropy_sets"]
+        assert len(sets) == 2 and sets[0] != sets[1] and r["unigram_entropy"] == pytest.approx(sum(sets) / 2)
+        assert r["unigram_entropy_sd"] == pytest.approx(abs(sets[0] - sets[1]) / 2 ** 0.5)
     assert json.loads((tmp_path / "distill_eval.json").read_text())["rows"] == table["rows"]
     assert (tmp_path / "distill_eval.png").stat().st_size > 0
 
