@@ -114,7 +114,8 @@ def captured_target(monkeypatch, obj, model, x0, key):
 def test_target_is_the_teacher_at_x_s_and_s_and_only_the_student_trains(monkeypatch):
     model, obj, x0 = setup()
     key = BatchKey(4, global_batch=B)
-    perturb(model)  # the student has moved away from the teacher
+    perturb(obj.teacher, 0.2, seed=5)  # adaLN starts at zero: make the time matter
+    perturb(model)  # the student differs from the teacher
     target, student, out = captured_target(monkeypatch, obj, model, x0, key)
     # 1. By hand: the teacher at (x_s, time_of(alpha_s)), the student at (x_t, time_of(alpha_t)), non-pad tokens.
     t, s, xt, xs = path(obj, x0, key)
@@ -122,11 +123,14 @@ def test_target_is_the_teacher_at_x_s_and_s_and_only_the_student_trains(monkeypa
     scored = x0 != PAD
     with torch.no_grad():
         expected = obj.teacher(xs, time_of(alpha_s).float())[scored].log_softmax(-1)
-        at_xt = obj.teacher(xt, time_of(alpha_t).float())[scored].log_softmax(-1)
+        at_xt = obj.teacher(xt, time_of(alpha_s).float())[scored].log_softmax(-1)
+        at_t = obj.teacher(xs, time_of(alpha_t).float())[scored].log_softmax(-1)
+        at_raw_s = obj.teacher(xs, s.float())[scored].log_softmax(-1)
         expected_student = model(xt, time_of(alpha_t).float())[scored].log_softmax(-1)
     torch.testing.assert_close(target, expected)
     torch.testing.assert_close(student.detach(), expected_student)
-    assert not torch.allclose(expected, at_xt, atol=1e-3)  # x_s, not x_t: the check can tell them apart
+    for wrong in (at_xt, at_t, at_raw_s):  # x_s, at s, read through alpha_s: the check tells each apart
+        assert not torch.allclose(expected, wrong, atol=1e-3)
     assert torch.isfinite(target).all() and (target[:, MASK] > -30).all()  # full vocabulary: nothing suppressed
     assert out.num_tokens == int(scored.sum())
     # 2. Gradients reach the student only.
