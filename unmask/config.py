@@ -255,9 +255,9 @@ class DistillConfig(Section):
         None, description="student-to-target divergence per token. kl: KL(target || student) (SDTT's default, "
         "Duo's kl-fwd); reverse_kl: KL(student || target) (Duo's kl-bwd); tvd. None: the objective's own "
         "default (kl for sdtt and masked_consistency, reverse_kl for dcd)")
-    dcd_gamma: tuple[float, float] = Field(
-        (-4.0, -1.0), description="dcd: [gamma_min, gamma_max] of the Gaussian latent's log-SNR schedule, gamma "
-        "linear in t (Duo's configs/algo/distillation.yaml)")
+    dcd_gamma: list[float] = Field(
+        default_factory=lambda: [-4.0, -1.0], description="dcd: [gamma_min, gamma_max] of the Gaussian latent's "
+        "log-SNR schedule, gamma linear in t (Duo's configs/algo/distillation.yaml); a list, as saved TOML reads back")
     start_steps: int = Field(1024, gt=1, description="sampling steps the first round's teacher takes")
     final_steps: int = Field(16, gt=0, description="sampling steps after the last round (halved each round)")
     steps_per_round: int = Field(1000, gt=0, description="optimizer steps per round; train.steps = rounds x this")
@@ -279,7 +279,7 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _check_rounds(self) -> DistillConfig:
-        if not self.dcd_gamma[0] < self.dcd_gamma[1]:
+        if len(self.dcd_gamma) != 2 or not self.dcd_gamma[0] < self.dcd_gamma[1]:
             raise ValueError(f"distill.dcd_gamma={list(self.dcd_gamma)}: need gamma_min < gamma_max, e.g. [-4, -1]")
         ratio = self.start_steps // self.final_steps
         if self.start_steps % self.final_steps or ratio < 2 or ratio & (ratio - 1):

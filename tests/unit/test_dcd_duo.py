@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from unmask.config import Config, DiffusionConfig, DistillConfig, ModelConfig
+from unmask.config import Config, DiffusionConfig, DistillConfig, ModelConfig, load_config_text
 from unmask.core.uniform_state import gaussian_scales, gaussian_to_uniform, time_of
 from unmask.diffusion.noise import BatchKey, mix, per_sample_normals
 from unmask.diffusion.objective import build_objective
@@ -200,6 +200,14 @@ def test_stage_rounds_refresh_the_teacher_on_schedule_and_resume_exactly():
     resumed.load_state_dict({"round": stage.round, "teacher": saved})
     assert fresh.dt == obj.dt
     assert torch.equal(fresh.loss(model, x0, key).loss, before)
+
+
+def test_gamma_range_is_checked_and_survives_a_saved_config():
+    with pytest.raises(ValueError, match="dcd_gamma"):
+        DistillConfig(objective="dcd", start_steps=4, final_steps=2, dcd_gamma=[-1.0, -4.0])
+    cfg = Config.model_validate({"distill": {"objective": "dcd", "start_steps": 8, "final_steps": 2,
+                                             "dcd_gamma": [-5.0, -0.5]}})
+    assert load_config_text(cfg.to_toml(), "test").distill.dcd_gamma == [-5.0, -0.5]
 
 
 def test_each_objective_refuses_the_other_kind_of_teacher():
