@@ -202,6 +202,22 @@ def test_stage_rounds_refresh_the_teacher_on_schedule_and_resume_exactly():
     assert torch.equal(fresh.loss(model, x0, key).loss, before)
 
 
+def test_teacher_runs_in_its_own_dtype_inside_a_bf16_training_step():
+    model, obj, x0 = setup()
+    key = BatchKey(0, global_batch=B)
+    t, s, xt, xs = path(obj, x0, key)
+    time, scored = time_of(gaussian_to_uniform(obj.gamma(s), V)[0]), x0 != PAD
+    plain = obj.predict(obj.teacher, xs, time, scored, "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's region when train.dtype="bf16"
+        inside = obj.predict(obj.teacher, xs, time, scored, obj.cfg.teacher_dtype)
+        student = obj.predict(model, xs, time, scored)
+    torch.testing.assert_close(inside, plain, atol=0, rtol=0)
+    assert not torch.equal(student, plain)  # the student (same weights) trains in the engine's bf16
+    _, bf16, _ = setup(teacher_dtype="bf16")
+    assert next(bf16.teacher.parameters()).dtype == torch.bfloat16
+    assert torch.isfinite(bf16.loss(model, x0, key).loss)
+
+
 def test_gamma_range_is_checked_and_survives_a_saved_config():
     with pytest.raises(ValueError, match="dcd_gamma"):
         DistillConfig(objective="dcd", start_steps=4, final_steps=2, dcd_gamma=[-1.0, -4.0])
