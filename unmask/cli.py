@@ -12,7 +12,7 @@ COMMANDS = {
     "prepare-data": ("unmask.data.cli", "tokenize a corpus into packed webdataset shards"),
     "train": ("unmask.train.cli", "masked-diffusion (or autoregressive) pretraining"),
     "launch": ("unmask.launcher.cli", "print or run the torchrun command / render the sbatch script"),
-    "distill": ("unmask.distill.cli", "distil a trained model into fewer sampling steps (SDTT rounds or DCD)"),
+    "distill": ("unmask.distill.cli", "distil a trained model into fewer sampling steps (SDTT rounds or Duo's DCD)"),
     "sample": ("unmask.diffusion.cli", "generate (continue, infill, unconditional) from a model"),
     "eval": ("unmask.eval.cli", "held-out NELBO, generative perplexity, diversity and speed of a model"),
     "export": ("unmask.export.cli", "export a checkpoint to a Hugging Face folder"),

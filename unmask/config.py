@@ -94,7 +94,7 @@ class ModelConfig(Section):
 class DiffusionConfig(Section):
     """The training objective: masked diffusion (MDLM/MD4), block diffusion (BD3-LM) or the autoregressive baseline."""
 
-    objective: Literal["mdlm", "bd3lm", "ar"] = Field(
+    objective: Literal["mdlm", "bd3lm", "ar", "duo"] = Field(
         "mdlm", description="mdlm: masked diffusion; bd3lm: block diffusion (causal across blocks of block_size "
         "tokens, masked diffusion inside each); ar: causal LM")
     block_size: int = Field(16, ge=1, description="bd3lm: tokens per block (1: autoregressive; seq_len: one block)")
@@ -241,13 +241,23 @@ class LoraConfig(Section):
 
 
 class DistillConfig(Section):
-    """`unmask distill`: SDTT rounds (or DCD) from a frozen teacher checkpoint, and the steps-vs-quality table."""
+    """`unmask distill`: SDTT rounds or a consistency distillation from a frozen teacher checkpoint, and the
+    steps-vs-quality table."""
 
     teacher: str | None = Field(None, description="teacher checkpoint (run dir or checkpoints/step-*); or --teacher")
-    objective: Literal["sdtt", "dcd"] = Field(
-        "sdtt", description="sdtt: one student step matches two teacher steps; dcd: discrete consistency"
-    )
-    divergence: Literal["kl", "reverse_kl", "tvd"] = Field("kl", description="student-to-target divergence")
+    objective: Literal["sdtt", "masked_consistency", "dcd"] = Field(
+        "sdtt", description="sdtt: one student step matches two teacher steps (masked teacher); masked_consistency: "
+        "the student at x_t matches its own stop-gradient prediction one teacher ancestral step later (masked "
+        "teacher; not Duo's DCD); dcd: Duo's discrete consistency distillation (uniform-state duo teacher): the "
+        "student at x_t matches the teacher at x_s, s = t - 1/(teacher steps), on one deterministic Gaussian "
+        "trajectory")
+    divergence: Literal["kl", "reverse_kl", "tvd"] | None = Field(
+        None, description="student-to-target divergence per token. kl: KL(target || student) (SDTT's default, "
+        "Duo's kl-fwd); reverse_kl: KL(student || target) (Duo's kl-bwd); tvd. None: the objective's own "
+        "default (kl for sdtt and masked_consistency, reverse_kl for dcd)")
+    dcd_gamma: list[float] = Field(
+        default_factory=lambda: [-4.0, -1.0], description="dcd: [gamma_min, gamma_max] of the Gaussian latent's "
+        "log-SNR schedule, gamma linear in t (Duo's configs/algo/distillation.yaml); a list, as saved TOML reads back")
     start_steps: int = Field(1024, gt=1, description="sampling steps the first round's teacher takes")
     final_steps: int = Field(16, gt=0, description="sampling steps after the last round (halved each round)")
     steps_per_round: int = Field(1000, gt=0, description="optimizer steps per round; train.steps = rounds x this")
@@ -272,6 +282,8 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _check_rounds(self) -> DistillConfig:
+        if len(self.dcd_gamma) != 2 or not self.dcd_gamma[0] < self.dcd_gamma[1]:
+            raise ValueError(f"distill.dcd_gamma={list(self.dcd_gamma)}: need gamma_min < gamma_max, e.g. [-4, -1]")
         ratio = self.start_steps // self.final_steps
         if self.start_steps % self.final_steps or ratio < 2 or ratio & (ratio - 1):
             raise ValueError(f"start_steps={self.start_steps} must be final_steps={self.final_steps} times a power "
@@ -281,6 +293,11 @@ class DistillConfig(Section):
     @property
     def rounds(self) -> int:
         return (self.start_steps // self.final_steps).bit_length() - 1
+
+    @property
+    def divergence_kind(self) -> str:
+        """`divergence`, or the objective's default when unset."""
+        return self.divergence or ("reverse_kl" if self.objective == "dcd" else "kl")
 
 
 class Config(Section):

@@ -8,7 +8,7 @@ import torch
 from unmask.config import DiffusionConfig, DistillConfig, ModelConfig
 from unmask.diffusion.noise import BatchKey, mix
 from unmask.diffusion.objective import MaskedDiffusion
-from unmask.distill.objective import DCD, SDTT, TOKEN_STREAM, divergence, frozen_copy
+from unmask.distill.objective import SDTT, TOKEN_STREAM, MaskedConsistency, divergence, frozen_copy
 from unmask.model.build import build_model
 
 MASK, PAD, V = 4, 0, 64
@@ -31,7 +31,7 @@ def masked_target(obj, model, x0, key):
         return obj.target(model, c.inputs[0], t, key), c.targets[1]
 
 
-@pytest.mark.parametrize("objective", [SDTT, DCD])
+@pytest.mark.parametrize("objective", [SDTT, MaskedConsistency])
 def test_target_is_a_distribution_at_every_masked_position(objective):
     model, obj, x0 = setup(objective)
     log_target, masked = masked_target(obj, model, x0, BatchKey(0, global_batch=8))

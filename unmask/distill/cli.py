@@ -12,7 +12,8 @@ ACCEPTS_OVERRIDES = True
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--teacher", metavar="CHECKPOINT",
-                   help="the trained masked-diffusion model: a run dir or checkpoints/step-* folder (same as "
+                   help="the trained diffusion model (mdlm for sdtt and masked_consistency, duo for dcd): a run dir "
+                        "or checkpoints/step-* folder (same as "
                         "--distill.teacher=...); the student starts from its weights")
 
 

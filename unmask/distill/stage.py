@@ -4,6 +4,8 @@ fewer steps (`unmask distill CONFIG --teacher CKPT`).
 Training runs `distill.rounds` rounds of `distill.steps_per_round` optimizer steps. At each round boundary the
 student's weights are copied into the teacher and the teacher's sampling steps halve. The round, the teacher's
 steps and the teacher's weights are saved with every checkpoint, so a resume (or a rollback) mid-round is exact.
+For Duo's DCD this is its schedule: the boundary is the hard teacher refresh every update_teacher_every
+(= steps_per_round) steps, and round n's teacher step dt = 1 / (start_steps >> n) = 2^n / T, T = start_steps.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from unmask.errors import ConfigError
 def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     """The run's config (the teacher's model shape, train.steps = rounds x steps_per_round) and the teacher's
     weights (the checkpoint's EMA of them when it has one, as `distill.teacher_weights` says). Refuses layouts
-    whose student weights are not whole on each rank (the teacher copy needs them), diffusion.anneal_steps and
-    diffusion.token_reweighting."""
+    whose student weights are not whole on each rank (the teacher copy needs them), diffusion.anneal_steps,
+    diffusion.token_reweighting, and a teacher of the wrong kind for distill.objective (`check_teacher`)."""
     from unmask.checkpoint.consolidate import load_checkpoint_weights
 
     path = teacher or cfg.distill.teacher
@@ -40,9 +42,7 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
                           "masked-diffusion loss; distillation matches the teacher instead: remove "
                           "diffusion.token_reweighting from the distill config")
     teacher_cfg, state = load_checkpoint_weights(path, weights=cfg.distill.teacher_weights)
-    if teacher_cfg.diffusion.objective != "mdlm":
-        raise ConfigError(f"distill: teacher {path} is a {teacher_cfg.diffusion.objective!r} model; it must be a "
-                          "masked-diffusion (mdlm) checkpoint")
+    check_teacher(cfg.distill.objective, teacher_cfg.diffusion.objective, path)
     cfg = cfg.model_copy(deep=True)
     cfg.model = teacher_cfg.model
     # Distillation runs the reverse process from a time t to s: its x_t must come from a time, whichever estimator
@@ -54,6 +54,20 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     cfg.distill.teacher = str(path)
     cfg.train.steps = cfg.distill.rounds * cfg.distill.steps_per_round
     return cfg, state
+
+
+TEACHERS = {"sdtt": "mdlm", "masked_consistency": "mdlm", "dcd": "duo"}  # the teacher objective each one distils
+
+
+def check_teacher(objective: str, teacher_objective: str, path) -> None:
+    """Each distillation objective reads one kind of teacher: refuse the others, naming the right choice."""
+    if TEACHERS[objective] == teacher_objective:
+        return
+    fits = [name for name, kind in TEACHERS.items() if kind == teacher_objective]
+    fix = (f"set distill.objective to {' or '.join(repr(f) for f in fits)}" if fits else
+           "distil a masked-diffusion (mdlm) or uniform-state (duo) checkpoint")
+    raise ConfigError(f"distill: teacher {path} is a diffusion.objective={teacher_objective!r} model; "
+                      f"distill.objective={objective!r} needs a {TEACHERS[objective]!r} teacher: {fix}")
 
 
 class Distill:
