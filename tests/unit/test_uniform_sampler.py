@@ -207,3 +207,12 @@ def test_models_and_settings_the_uniform_sampler_cannot_read_are_refused(tiny):
     causal = build_model(ModelConfig(size="tiny", time_conditioning=True), causal=True)
     with pytest.raises(SamplingError, match="this model is causal"):
         sample(causal, infill(), SamplerConfig(), SP, process="uniform")
+
+
+def test_slicing_the_posterior_over_positions_changes_no_sample(tiny, monkeypatch):
+    """Large vocabularies draw the posterior a slice of positions at a time (CHUNK); on the CPU generator the slices
+    consume the same noise as one draw, so the samples are those of the unsliced sampler."""
+    options = SamplerConfig(steps=4, seed=1, noise_removal="ancestral", top_p=0.9)
+    whole = sample(tiny, infill(), options, SP, process="uniform").tokens
+    monkeypatch.setattr(uniform_sampling, "CHUNK", 3 * tiny.cfg.vocab_size)  # 3 positions a slice
+    assert torch.equal(sample(tiny, infill(), options, SP, process="uniform").tokens, whole)

@@ -31,6 +31,7 @@ from .uniform_state import alpha, posterior
 
 T_END = 1e-5  # the grid's last time: s-sahoo/duo `restore_model_and_sample(eps=1e-5)`, not the schedule's eps 1e-3
 NOISE_REMOVAL = ("greedy", "ancestral")
+CHUNK = 1 << 24  # float64 elements of one [positions, V] slice: the posterior's temporaries stay ~1 GB at any size
 
 
 def time_grid(steps: int) -> torch.Tensor:
@@ -86,8 +87,8 @@ def x_theta(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) 
 
 
 class UniformNetwork:
-    """The network as the uniform sampler sees it: float64 logits [N, V] at the generated positions, each call
-    counted."""
+    """The network as the uniform sampler sees it: logits [N, V] (the model's dtype) at the generated positions, each
+    call counted."""
 
     def __init__(self, model, generated: torch.Tensor):
         self.model, self.generated, self.nfe = model, generated, 0
@@ -96,7 +97,7 @@ class UniformNetwork:
         # The network reads the log-linear time of the step's alpha (time_of(alpha(t)) = t on this schedule).
         times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         self.nfe += 1
-        return self.model(x, times)[self.generated].double()
+        return self.model(x, times)[self.generated]
 
 
 @torch.no_grad()
@@ -129,14 +130,23 @@ def generate_uniform(model, template: torch.Tensor, options, mask_id: int, eos_i
 def posterior_step(network: UniformNetwork, x: torch.Tensor, generated: torch.Tensor, t: float, s: float | None,
                    o, generator: torch.Generator) -> torch.Tensor:
     """x_t -> x_s at the generated positions; s None: to alpha = 1 (Duo's ancestral noise removal)."""
-    # 1. The model's prediction of x_0 at every generated position: [N, V].
-    p0 = x_theta(network(x, t), o.temperature, o.top_k, o.top_p)
-    # 2. The posterior q(x_s | x_t, x_0 ~ p0) [N, V] and a draw from it (float64 Gumbel-max): [N].
-    alpha_t = alpha(torch.tensor(t, dtype=torch.float64))
-    alpha_s = torch.ones((), dtype=torch.float64) if s is None else alpha(torch.tensor(s, dtype=torch.float64))
-    q = posterior(p0, x[generated], alpha_s.to(p0.device), alpha_t.to(p0.device))
-    tokens = gumbel_argmax(q.log(), generator)
+    logits, xt = network(x, t), x[generated]  # [N, V], [N]
+    alpha_t = alpha(torch.tensor(t, dtype=torch.float64, device=x.device))
+    alpha_s = torch.ones((), dtype=torch.float64, device=x.device) if s is None else alpha(
+        torch.tensor(s, dtype=torch.float64, device=x.device))
+    rows = max(1, CHUNK // logits.shape[-1])  # a fixed slicing: the same noise draws on every run of a seed
+    tokens = [draw_posterior(logits[i:i + rows], xt[i:i + rows], alpha_s, alpha_t, o, generator)
+              for i in range(0, logits.shape[0], rows)]
     x = x.clone()
-    x[generated] = tokens
+    x[generated] = torch.cat(tokens)
     return x
+
+
+def draw_posterior(logits: torch.Tensor, xt: torch.Tensor, alpha_s: torch.Tensor, alpha_t: torch.Tensor, o,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Tokens x_s [n] for n positions with logits [n, V] at x_t [n]."""
+    # 1. The model's prediction of x_0 (tempered, filtered, float64): [n, V].
+    p0 = x_theta(logits.double(), o.temperature, o.top_k, o.top_p)
+    # 2. The posterior q(x_s | x_t, x_0 ~ p0) [n, V] and a draw from it by float64 Gumbel-max: [n].
+    return gumbel_argmax(posterior(p0, xt, alpha_s, alpha_t).log(), generator)
 
