@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
                         cache=not args.no_cache, stop_at_eos=args.stop_at_eos, seed=args.seed,
                         threshold=args.threshold, kv_cache=args.kv_cache or ("prefix" if ar else "none"),
-                        cache_refresh=args.cache_refresh, noise_removal=args.noise_removal)
+                        cache_refresh=args.cache_refresh,
+                        noise_removal=args.noise_removal or ("greedy" if loaded.process == "uniform" else None))
     length = args.length or loaded.model_cfg.max_seq_len
     special, codec = loaded.special, loaded.codec
     chats = None

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         reference = load_reference(args.reference, device) if args.reference else None
         knobs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                  "block_length": args.block_length, "threshold": args.threshold, "kv_cache": args.kv_cache,
-                 "cache_refresh": args.cache_refresh, "noise_removal": args.noise_removal}
+                 "cache_refresh": args.cache_refresh}
+        if loaded.process == "uniform" or args.noise_removal:  # a masked run refuses it in samples_at, clearly
+            knobs["noise_removal"] = args.noise_removal or "greedy"  # said, since the scores depend on it
         results["sampler"] = {"kind": args.sampler, **knobs}  # scores depend on it: say which
         results["samples"] = [samples_at(loaded, int(s), reference, num_samples=args.num_samples, length=args.length,
                                          sampler=args.sampler, seed=args.seed, **knobs)
