@@ -216,3 +216,10 @@ def test_slicing_the_posterior_over_positions_changes_no_sample(tiny, monkeypatc
     whole = sample(tiny, infill(), options, SP, process="uniform").tokens
     monkeypatch.setattr(uniform_sampling, "CHUNK", 3 * tiny.cfg.vocab_size)  # 3 positions a slice
     assert torch.equal(sample(tiny, infill(), options, SP, process="uniform").tokens, whole)
+
+
+def test_speed_is_measured_on_the_uniform_sampler(tiny):
+    from unmask.eval.speed import measure_speed
+
+    speed, result = measure_speed(tiny, infill(), SamplerConfig(steps=4), SP, process="uniform")
+    assert speed.nfe == result.nfe == 5 and result.num_generated == int((infill() == SP.mask).sum())
