@@ -40,11 +40,17 @@ class Loaded:
     model_cfg: ModelConfig
     special: SpecialTokens
     codec: Codec
-    objective: str  # "mdlm", "bd3lm" or "ar"
+    objective: str  # "mdlm", "bd3lm", "ar" or "duo"
     schedule: str
     source: Path
     config: Config | None = None  # the run's config (checkpoints only)
     weights: str = "raw"  # "ema" when a checkpoint's EMA of the weights was loaded
+
+    @property
+    def process(self) -> str:
+        """The diffusion the samplers follow (unmask.core.sampling.generate's `process`): "uniform" for a
+        uniform-state (duo) run, else "masked"."""
+        return "uniform" if self.objective == "duo" else "masked"
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,5 +98,7 @@ def _load_export(path: Path, device) -> Loaded:
     causal, block_size = bool(config.get("causal", False)), int(config.get("block_size", 0))
     model = build_model(model_cfg, causal=causal, device=device, block_size=block_size)
     load_into(model, state)  # state is read lazily, one tensor at a time
-    return Loaded(model.eval(), model_cfg, special, Codec(path), "ar" if causal else "bd3lm" if block_size else "mdlm",
-                  config.get("noise_schedule", "loglinear"), path)
+    uniform = config.get("diffusion_process", "masked") == "uniform"
+    objective = "ar" if causal else "bd3lm" if block_size else "duo" if uniform else "mdlm"
+    return Loaded(model.eval(), model_cfg, special, Codec(path), objective, config.get("noise_schedule", "loglinear"),
+                  path)

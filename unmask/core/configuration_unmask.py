@@ -17,7 +17,8 @@ class UnmaskConfig(PretrainedConfig):
     def __init__(self, arch="unmask", dim=256, n_layers=4, n_heads=4, n_kv_heads=None, ffn_dim=768, vocab_size=4096,
                  max_seq_len=1024, rope_theta=10000.0, norm_eps=1e-5, time_conditioning=False, cond_dim=128,
                  init_std=0.02, causal=False, tie_word_embeddings=False, mask_token_id=4, noise_schedule="loglinear",
-                 sampler=None, block_size=0, qkv_bias=False, shift_logits=False, **kwargs):
+                 sampler=None, block_size=0, qkv_bias=False, shift_logits=False, diffusion_process="masked",
+                 **kwargs):
         self.arch, self.dim, self.n_layers, self.n_heads = arch, dim, n_layers, n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.ffn_dim, self.vocab_size, self.max_seq_len = ffn_dim, vocab_size, max_seq_len
@@ -29,6 +30,9 @@ class UnmaskConfig(PretrainedConfig):
         self.block_size = block_size  # block diffusion (BD3-LM): attention causal across blocks of this size; 0: none
         self.mask_token_id = mask_token_id
         self.noise_schedule = noise_schedule  # alpha(t) used by the samplers: loglinear or cosine
+        # the diffusion the model was trained on, which its samplers follow: "masked" (absorbing <mask>; exports
+        # without the key) or "uniform" (uniform-state, Duo: diffusion.objective = "duo")
+        self.diffusion_process = diffusion_process
         self.sampler = dict(sampler or {})  # default arguments of diffusion_generate (generation defaults)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 

@@ -109,7 +109,9 @@ class UnmaskForMaskedLM(UnmaskPreTrainedModel):
         followed by masks up to `max_length`. Options (defaults: config.sampler, then unmask's): kind
         (ancestral|remask|threshold, or ar for a causal export), steps, block_length, remasking
         (low_confidence|random), threshold, kv_cache (none|prefix|dual), cache_refresh, temperature, top_k, top_p,
-        guidance, cache, stop_at_eos, seed. Returns {"sequences", "lengths", "nfe", "steps"}."""
+        guidance, cache, stop_at_eos, seed, and for a uniform-state export (config.diffusion_process "uniform", whose
+        <mask> positions start as uniform tokens) noise_removal (greedy|ancestral). Returns {"sequences", "lengths",
+        "nfe", "steps"}."""
         c = self.config
         if template is None:
             if input_ids is None or max_length is None or max_length <= input_ids.shape[1]:
@@ -121,7 +123,7 @@ class UnmaskForMaskedLM(UnmaskPreTrainedModel):
         tokens, lengths, nfe, steps = generate(
             self.model, template.to(self.device), SamplerOptions(**{**c.sampler, **options}), c.mask_token_id,
             c.eos_token_id, c.pad_token_id, get_schedule(c.noise_schedule), c.time_conditioning, prompt_mask,
-            c.max_seq_len)
+            c.max_seq_len, getattr(c, "diffusion_process", "masked"))
         return {"sequences": tokens, "lengths": lengths, "nfe": nfe, "steps": steps}
 
     @torch.no_grad()

@@ -18,6 +18,10 @@ is exact for it (kv_cache.FinishedBlocks): the same tokens as the uncached run, 
 - `ar`: left-to-right decoding of a causal model (the AR baseline, ar_sampling.py), with an exact KV cache
   (`kv_cache="prefix"`) or a full forward per token ("none").
 
+`process` says which diffusion the model was trained on (its network cannot tell): "masked" (the above) or
+"uniform", a uniform-state (UDLM / Duo) model, sampled by its ancestral posterior sampler and Duo's greedy tail
+(`noise_removal`; uniform_sampling.py), through this same `generate`.
+
 Imports only torch and its siblings (see unmask.core): unmask's `sample` and an exported model's
 `diffusion_generate` both run this loop, so they give the same tokens for the same seed. Errors are plain
 ValueErrors; unmask re-raises them as its SamplingError.
@@ -33,9 +37,11 @@ from .ar_sampling import generate_ar
 from .kv_cache import KV_CACHES, BlockCache, FinishedBlocks
 from .sampling_steps import Ancestral, Denoiser, Remask, StepContext, Threshold, cut_at_eos, first_eos
 from .schedule import Schedule
+from .uniform_sampling import check_uniform, generate_uniform
 
 SAMPLERS = ("ancestral", "remask", "threshold", "ar")
 REMASKING = ("low_confidence", "random")
+PROCESSES = ("masked", "uniform")  # the diffusion a model was trained on: absorbing <mask> or uniform-state (Duo)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class SamplerOptions:
     threshold: float = 0.9  # threshold only: commit every mask whose confidence reaches it (Fast-dLLM: 0.9)
     kv_cache: str = "none"  # "prefix" / "dual": Fast-dLLM's approximate cache (diffusion); "prefix": exact for ar
     cache_refresh: int = 0  # diffusion kv_cache: also recompute it every N network calls; 0: only at block starts
+    # uniform-state (Duo) models only, the last step at the grid's end: "greedy" (argmax of x_theta, Duo's greedy
+    # tail) or "ancestral" (a last posterior draw to alpha = 1); None: greedy
+    noise_removal: str | None = None
 
     def __post_init__(self):
         checks = [
@@ -68,6 +77,8 @@ class SamplerOptions:
             (self.guidance >= 0, f"guidance={self.guidance}: must be >= 0 (0 is no guidance)"),
             (0 < self.threshold <= 1, f"threshold={self.threshold}: must be in (0, 1] (1 commits one token a step)"),
             (self.kv_cache in KV_CACHES, f"kv_cache={self.kv_cache!r}; allowed: {list(KV_CACHES)}"),
+            (self.noise_removal in (None, "greedy", "ancestral"),
+             f"noise_removal={self.noise_removal!r}; allowed: greedy (Duo's greedy tail), ancestral, or none given"),
             (self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh}: must be >= 0 (0: at block starts only)"),
             (not self.cache_refresh or self.kv_cache != "none",
              f"cache_refresh={self.cache_refresh} refreshes a KV cache, and kv_cache='none': set kv_cache to "
@@ -154,9 +165,19 @@ def check_steps(template: torch.Tensor, options: SamplerOptions, mask_id: int, b
         split_steps(options.steps, int(decoding_blocks(template == mask_id, options, block_size).max()) + 1)
 
 
-def check_model(model, options: SamplerOptions) -> None:
+def check_model(model, options: SamplerOptions, process: str = "masked", time_conditioned: bool = True,
+                schedule: Schedule | None = None) -> None:
     """The sampler and the model agree: ar for a causal model only, a KV cache only where the model takes one, a
-    block-diffusion model decoded along its own blocks."""
+    block-diffusion model decoded along its own blocks; a uniform-state model by its own sampler."""
+    if process not in PROCESSES:
+        raise ValueError(f"process={process!r} is not a diffusion process; allowed: {list(PROCESSES)} (uniform: a "
+                         "uniform-state model, diffusion.objective = 'duo')")
+    if process == "uniform":
+        check_uniform(model, options, time_conditioned, schedule)
+        return
+    if options.noise_removal is not None:
+        raise ValueError(f"noise_removal={options.noise_removal!r} is the last step of a uniform-state (Duo) model, "
+                         "and this is a masked-diffusion one, whose last step reveals every mask: leave it out")
     causal = bool(getattr(model, "causal", False))
     if causal and options.kind != "ar":
         raise ValueError(f"kind={options.kind!r} is a masked-diffusion sampler but this model is causal (an "
@@ -192,8 +213,9 @@ def stop_finished_rows(x, generated, mask_id: int, eos_id: int, pad_id: int) -> 
 @torch.no_grad()
 def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: int, eos_id: int, pad_id: int,
              schedule: Schedule, time_conditioned: bool, prompt_mask: torch.Tensor | None = None,
-             max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+             max_len: int | None = None, process: str = "masked") -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Fill every `<mask>` of `template` [B, L] with `model` (tokens [B, L] (, t [B]) -> logits [B, L, V]).
+    process: "masked" (MDLM-style models) or "uniform" (uniform-state, Duo; the `<mask>` positions start uniform).
 
     prompt_mask [B, L] bool: the prompt positions masked for the unconditional pass of guidance (default:
     every fixed non-pad token). Returns (tokens [B, L] (after <eos>: <pad> when stop_at_eos), lengths [B]
@@ -202,7 +224,9 @@ def generate(model, template: torch.Tensor, options: SamplerOptions, mask_id: in
     if prompt_mask is None:
         prompt_mask = default_prompt_mask(template, mask_id, pad_id)
     check_template(template, o, mask_id, max_len, prompt_mask)
-    check_model(model, o)
+    check_model(model, o, process, time_conditioned, schedule)
+    if process == "uniform":
+        return generate_uniform(model, template, o, mask_id, eos_id, pad_id)
     block_size = model_block_size(model)
     check_steps(template, o, mask_id, block_size)
     if o.kind == "ar":

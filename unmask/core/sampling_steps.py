@@ -110,12 +110,16 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     confidence = logits.softmax(-1)
     if temperature == 0:  # greedy: no noise drawn
         return logits.argmax(-1), confidence.max(-1).values
-    filtered = filter_logits(logits / temperature, top_k, top_p)
-    # Gumbel-max in float64: float32 noise shifts low-probability tokens' odds (Zheng et al. 2024).
-    u = torch.rand(filtered.shape, dtype=torch.float64, generator=generator, device=logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
-    tokens = (filtered + gumbel).argmax(-1)
+    tokens = gumbel_argmax(filter_logits(logits / temperature, top_k, top_p), generator)
     return tokens, confidence.gather(-1, tokens[:, None])[:, 0]
+
+
+def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw [N] from softmax(logits [N, V]) by Gumbel-max in float64: float32 noise shifts low-probability tokens'
+    odds (Zheng et al. 2024)."""
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
+    return (logits + gumbel).argmax(-1)
 
 
 class StepContext:

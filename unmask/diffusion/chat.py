@@ -51,11 +51,12 @@ def run_template(loaded) -> tuple[ChatTemplate, str]:
 
 
 def answer(model, chats: list[ChatPrompt], cfg: SamplerConfig, special, codec, length: int, schedule,
-           device: torch.device) -> list[dict]:
+           device: torch.device, process: str = "masked") -> list[dict]:
     """One row per chat: the answer text (before the first <eos>) and ids, with the sampling statistics."""
     cfg = replace(cfg, stop_at_eos=True)
     template, prompt_mask = prompt_template([codec.encode(c.prompt) for c in chats], length, special)
-    result = sample(model, template.to(device), cfg, special, schedule, prompt_mask=prompt_mask.to(device))
+    result = sample(model, template.to(device), cfg, special, schedule, prompt_mask=prompt_mask.to(device),
+                    process=process)
     kept = result.tokens.cpu()[prompt_mask]
     if not torch.equal(kept, template[prompt_mask]):  # the samplers never write a prompt position
         raise SamplingError("the sampler changed prompt tokens; report this as a bug")

@@ -8,6 +8,8 @@ instruction-tuned model: the run's chat template around the question, the answer
 
 An autoregressive run (diffusion.objective = "ar") is decoded left to right (sampler `ar`, with its exact KV cache
 unless --kv-cache none), so diffusion and AR generation speed are read off the same rows (nfe, tokens_per_second).
+A uniform-state run (diffusion.objective = "duo", or an export whose config.json says diffusion_process "uniform") is
+sampled by its ancestral posterior sampler, ending in Duo's greedy tail unless --noise-removal ancestral.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, help="ancestral (MDLM), remask (LLaDA/MaskGIT), threshold "
                    "(Fast-dLLM parallel decoding) or ar; default: ar for an autoregressive run, else ancestral")
     p.add_argument("--steps", type=int, default=64, help="sampling steps (ancestral, remask)")
+    p.add_argument("--noise-removal", default=None, choices=["greedy", "ancestral"],
+                   help="uniform-state (duo) runs: the last step, argmax of the model's prediction (greedy: Duo's "
+                   "greedy tail, the default) or a last posterior draw (ancestral)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks of this length")
     p.add_argument("--remasking", default="low_confidence", help="low_confidence or random (remask sampler)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
                         cache=not args.no_cache, stop_at_eos=args.stop_at_eos, seed=args.seed,
                         threshold=args.threshold, kv_cache=args.kv_cache or ("prefix" if ar else "none"),
-                        cache_refresh=args.cache_refresh)
+                        cache_refresh=args.cache_refresh,
+                        noise_removal=args.noise_removal or ("greedy" if loaded.process == "uniform" else None))
     length = args.length or loaded.model_cfg.max_seq_len
     special, codec = loaded.special, loaded.codec
     chats = None
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             batch = chats[start:start + args.batch_size]
             with torch.no_grad():  # a distinct seed per batch, as below
                 rows = chat.answer(loaded.model, batch, replace(cfg, seed=cfg.seed + start), special, codec, length,
-                                   loaded.schedule, device)
+                                   loaded.schedule, device, process=loaded.process)
             out.writelines(json.dumps(row) + "\n" for row in rows)
             out.flush()
         rows = [] if chats else prompts or [None] * args.num_samples
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 template, prompt_mask = prompt_template([codec.encode(p) for p in chunk], length, special)
             with torch.no_grad():  # a distinct seed per batch, so batches are not copies of each other
                 result = sample(loaded.model, template.to(device), replace(cfg, seed=cfg.seed + start), special,
-                                loaded.schedule, prompt_mask=prompt_mask.to(device))
+                                loaded.schedule, prompt_mask=prompt_mask.to(device), process=loaded.process)
             for i, ids in enumerate(result.token_lists(special, generated_only=kind == "continue")):
                 row = {"prompt": chunk[i], "text": codec.decode(ids), "tokens": ids, **result.stats(),
                        "sampler": cfg.to_dict()}

@@ -1,4 +1,4 @@
-"""Sampling from a masked-diffusion model, unmask side: `sample(model, template, cfg, special)`.
+"""Sampling from a diffusion model (masked or uniform-state), unmask side: `sample(model, template, cfg, special)`.
 
 The samplers themselves (the block loop, the ancestral and remask steps) live in unmask.core.sampling, the
 torch-only file that exported models run too. Here: `SamplerConfig` (the options, failing as SamplingError),
@@ -79,11 +79,12 @@ class SampleResult:
 @torch.no_grad()
 def sample(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,
            schedule: Schedule | str = "loglinear", prompt_mask: torch.Tensor | None = None,
-           time_conditioned: bool | None = None) -> SampleResult:
+           time_conditioned: bool | None = None, process: str = "masked") -> SampleResult:
     """Fill every `<mask>` of `template` [B, L] with `model` (tokens [B, L] (, t [B]) -> logits [B, L, V]).
 
     prompt_mask [B, L] bool: the prompt positions masked for the unconditional pass of guidance (default:
-    every fixed non-pad token). time_conditioned: pass t to the model (default: read from `model.cfg`)."""
+    every fixed non-pad token). time_conditioned: pass t to the model (default: read from `model.cfg`).
+    process: "masked", or "uniform" for a uniform-state (Duo) model (`Loaded.process` says which)."""
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
     model_cfg = getattr(model, "cfg", None)
     max_len = getattr(model_cfg, "max_seq_len", None)
@@ -93,11 +94,11 @@ def sample(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTo
         prompt_mask = default_prompt_mask(template, special.mask, special.pad)
     try:  # generate checks too; checked here first so a bad template or model is a SamplingError
         check_template(template, cfg, special.mask, max_len, prompt_mask)
-        check_model(model, cfg)
+        check_model(model, cfg, process, time_conditioned, schedule)
         check_steps(template, cfg, special.mask, model_block_size(model))
     except ValueError as e:
         raise SamplingError(str(e)) from None
     start = time.perf_counter()
     tokens, lengths, nfe, steps = generate(model, template, cfg, special.mask, special.eos, special.pad, schedule,
-                                           time_conditioned, prompt_mask, max_len)
+                                           time_conditioned, prompt_mask, max_len, process)
     return SampleResult(tokens, lengths, template == special.mask, nfe, steps, time.perf_counter() - start)

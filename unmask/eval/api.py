@@ -60,10 +60,10 @@ def scored_texts(loaded, batches) -> list[str]:
 def samples_at(loaded, steps: int, reference=None, *, num_samples: int, length: int, sampler: str = "ancestral",
                seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                block_length: int | None = None, threshold: float = 0.9, kv_cache: str = "none",
-               cache_refresh: int = 0, keep_texts: bool = False) -> dict:
+               cache_refresh: int = 0, noise_removal: str | None = None, keep_texts: bool = False) -> dict:
     """One row of the quality table: `num_samples` unconditional samples of `length` tokens in `steps` steps (the
     threshold sampler takes as many as it needs: read nfe). The sampling knobs default to SamplerConfig's (plain
-    ancestral sampling)."""
+    ancestral sampling); a uniform-state (duo) model is sampled by its own sampler (`loaded.process`)."""
     from unmask.diffusion.sampler import SamplerConfig, sample
     from unmask.diffusion.sampler_template import prompt_template
     from unmask.eval.diversity import diversity
@@ -75,8 +75,9 @@ def samples_at(loaded, steps: int, reference=None, *, num_samples: int, length: 
     template, prompt_mask = template.to(device), prompt_mask.to(device)
     config = SamplerConfig(kind=sampler, steps=steps, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                            block_length=block_length, threshold=threshold, kv_cache=kv_cache,
-                           cache_refresh=cache_refresh)
-    result = sample(loaded.model, template, config, loaded.special, loaded.schedule, prompt_mask=prompt_mask)
+                           cache_refresh=cache_refresh, noise_removal=noise_removal)
+    result = sample(loaded.model, template, config, loaded.special, loaded.schedule, prompt_mask=prompt_mask,
+                    process=loaded.process)
     ids = result.token_lists(loaded.special, generated_only=True)
     texts = [loaded.codec.decode(row) for row in ids]
     row = {"steps": steps, "nfe": result.nfe, "tokens_per_s": round(result.tokens_per_second, 2),

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: all)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks of this length")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: confidence to commit a token at")
+    p.add_argument("--noise-removal", default=None, choices=["greedy", "ancestral"],
+                   help="uniform-state (duo) runs: the sampler's last step, greedy (Duo's greedy tail, the default) or "
+                   "ancestral")
     p.add_argument("--kv-cache", default="none", choices=["none", "prefix", "dual"],
                    help="Fast-dLLM's approximate KV cache (recomputed at each block start)")
     p.add_argument("--cache-refresh", type=int, default=0, help="also recompute the KV cache every N network calls")
@@ -62,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         knobs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                  "block_length": args.block_length, "threshold": args.threshold, "kv_cache": args.kv_cache,
                  "cache_refresh": args.cache_refresh}
+        if loaded.process == "uniform" or args.noise_removal:  # a masked run refuses it in samples_at, clearly
+            knobs["noise_removal"] = args.noise_removal or "greedy"  # said, since the scores depend on it
         results["sampler"] = {"kind": args.sampler, **knobs}  # scores depend on it: say which
         results["samples"] = [samples_at(loaded, int(s), reference, num_samples=args.num_samples, length=args.length,
                                          sampler=args.sampler, seed=args.seed, **knobs)

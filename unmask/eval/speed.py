@@ -31,11 +31,13 @@ class SpeedResult:
 
 
 def measure_speed(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,
-                  schedule="loglinear", repeats: int = 1, warmup: bool = True) -> tuple[SpeedResult, SampleResult]:
-    """Time `sample` (best of `repeats`, after one untimed warm-up run) -> (speed, the last run's samples)."""
+                  schedule="loglinear", repeats: int = 1, warmup: bool = True,
+                  process: str = "masked") -> tuple[SpeedResult, SampleResult]:
+    """Time `sample` (best of `repeats`, after one untimed warm-up run) -> (speed, the last run's samples).
+    process: "uniform" for a uniform-state (duo) model."""
     if warmup:
-        sample(model, *short_run(template, cfg, special), special, schedule)
-    runs = [sample(model, template, cfg, special, schedule) for _ in range(max(repeats, 1))]
+        sample(model, *short_run(template, cfg, special), special, schedule, process=process)
+    runs = [sample(model, template, cfg, special, schedule, process=process) for _ in range(max(repeats, 1))]
     best = min(runs, key=lambda r: r.seconds)
     speed = SpeedResult(cfg.steps, best.nfe, best.seconds, best.num_generated, best.tokens_per_second, cfg.cache,
                         cfg.kind, cfg.kv_cache)
@@ -52,12 +54,13 @@ def short_run(template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens
 
 
 def speed_sweep(model, template: torch.Tensor, cfg: SamplerConfig, special: SpecialTokens,
-                steps: Sequence[int], schedule="loglinear", compare_cache: bool = False) -> list[SpeedResult]:
+                steps: Sequence[int], schedule="loglinear", compare_cache: bool = False,
+                process: str = "masked") -> list[SpeedResult]:
     """`measure_speed` at each step count (with caching, and also without it when compare_cache)."""
     out = []
     for n in steps:
         for cache in ((True, False) if compare_cache else (cfg.cache,)):
             speed, _ = measure_speed(model, template, dataclasses.replace(cfg, steps=n, cache=cache), special,
-                                     schedule, warmup=not out)
+                                     schedule, warmup=not out, process=process)
             out.append(speed)
     return out

@@ -54,7 +54,7 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights:
             "pre-norm RMSNorm blocks, rotary positions, SwiGLU, no biases"
             + (", grouped-query attention" if m.kv_heads != m.n_heads else "")
             + (", adaLN time conditioning" if m.time_conditioning else ""))
-    kind = {"mdlm": "masked-diffusion (MDLM ELBO)",
+    kind = {"mdlm": "masked-diffusion (MDLM ELBO)", "duo": "uniform-state diffusion (Duo)",
             "bd3lm": f"block-diffusion (BD3-LM, blocks of {cfg.diffusion.block_size})"}.get(
         objective, "autoregressive baseline (causal attention)")
     lines = [
@@ -97,4 +97,8 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights:
         "autoregressive run; blocks, guidance, top-k/top-p, KV cache) "
         "and gives the same tokens for the same seed; its defaults are `config.sampler`.", "",
     ]
+    if objective == "duo":
+        lines += ["This is a uniform-state model (`config.diffusion_process` \"uniform\"): `diffusion_generate` starts "
+                  "its `<mask>` positions from uniformly drawn tokens, takes `steps` ancestral posterior steps and "
+                  "ends with Duo's greedy tail (`noise_removal=\"ancestral\"` for a last posterior draw instead).", ""]
     return "\n".join(lines)

@@ -82,17 +82,28 @@ def hf_config(cfg, special, dtype: str = "fp32", sampler: dict | None = None):
         shift_logits=m.shift_logits,
         causal=cfg.causal, block_size=cfg.block_size, tie_word_embeddings=m.tie_embeddings, mask_token_id=special.mask,
         pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos, unk_token_id=special.unk,
-        noise_schedule=cfg.diffusion.schedule, sampler=sampler)
+        noise_schedule=cfg.diffusion.schedule, sampler=sampler, diffusion_process=diffusion_process(cfg))
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["UnmaskForMaskedLM"]
     config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     return config
 
 
+def diffusion_process(cfg) -> str:
+    """config.json's `diffusion_process`: which diffusion the exported samplers follow (the network cannot tell)."""
+    return "uniform" if cfg.diffusion.objective == "duo" else "masked"
+
+
 def sampler_defaults(cfg, sampler: dict) -> dict:
     """config.json's sampler defaults: an autoregressive run's `diffusion_generate` decodes left to right, with its
     exact KV cache, unless told otherwise; a diffusion sampler would fail on it at every call, so it is refused here."""
     kind = sampler.get("kind", "ar" if cfg.causal else "ancestral")
+    if diffusion_process(cfg) == "uniform" and kind != "ancestral":
+        raise CheckpointError(f"sampler kind {kind!r} does not decode a uniform-state (duo) run: its sampler is "
+                              "ancestral (with noise_removal greedy or ancestral); leave kind out")
+    if diffusion_process(cfg) == "masked" and "noise_removal" in sampler:
+        raise CheckpointError("sampler noise_removal is the last step of a uniform-state (duo) run's sampler; this "
+                              "is a masked-diffusion run: leave it out")
     if cfg.causal != (kind == "ar"):
         run = "autoregressive (diffusion.objective = 'ar')" if cfg.causal else "masked-diffusion"
         raise CheckpointError(f"sampler kind {kind!r} does not decode this {run} run: leave the sampler out (ar for "
