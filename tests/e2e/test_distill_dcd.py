@@ -117,26 +117,19 @@ def test_each_objective_refuses_the_other_kind_of_teacher(tiny_shards, duo_teach
                            str(duo_teacher))
 
 
-def test_dcd_evaluation_table_needs_the_uniform_state_sampler(tiny_shards, duo_teacher, tmp_path):
-    """The table samples a duo teacher and its student with the uniform-state sampler; without it (samples_at takes
-    no `process`) the table is skipped with a message rather than sampling the wrong process."""
-    import inspect
-
+def test_dcd_evaluation_table_samples_with_the_uniform_state_sampler(tiny_shards, duo_teacher, tmp_path):
+    """The table samples a duo teacher and its student with the uniform-state sampler (its NFE is steps + 1: the
+    greedy tail is one more network call; a masked ancestral row takes at most `steps`)."""
     from unmask.distill.evaluate import evaluate_run
-    from unmask.eval.api import samples_at
     from unmask.model.build import build_model
 
     cfg = student_config(tiny_shards, tmp_path, "--distill.start_steps=4", "--distill.final_steps=2",
                          "--distill.steps_per_round=1", f"--distill.teacher={duo_teacher}",
                          "--distill.eval_samples=2", "--distill.eval_length=32", "--distill.eval_teacher_steps=[8]",
-                         "--distill.eval_student_steps=[4]")
+                         "--distill.eval_student_steps=[4]", "--distill.eval_seeds=[0]")
     cfg, state = prepare_config(cfg, None)
     student = build_model(cfg.model)
     student.load_state_dict(state)
-    said = []
-    table = evaluate_run(cfg, student, tmp_path, say=said.append)
-    if "process" not in inspect.signature(samples_at).parameters:
-        assert table == {} and "uniform" in said[-1] and not (tmp_path / "distill_eval.json").exists()
-        return
-    assert [(r["model"], r["steps"]) for r in table["rows"]] == [("teacher", 8), ("student", 4)]
+    table = evaluate_run(cfg, student, tmp_path, say=lambda _: None)
+    assert [(r["model"], r["steps"], r["nfe"]) for r in table["rows"]] == [("teacher", 8, 9), ("student", 4, 5)]
     assert all(r["unigram_entropy"] > 0 for r in table["rows"])

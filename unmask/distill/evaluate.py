@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import statistics
 from pathlib import Path
@@ -22,19 +21,12 @@ from unmask.eval.plot import plot_quality_vs_steps
 
 def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> dict:
     """Sample the teacher (cfg.distill.teacher) at eval_teacher_steps and `student` at eval_student_steps, with
-    the sampler of the teacher's process (masked, or uniform-state for a duo teacher: skipped, returning {}, while
-    unmask.eval.api.samples_at takes no `process`)."""
+    the sampler of the teacher's process (`Loaded.process`: masked, or uniform-state for a duo teacher), which the
+    student shares."""
     from unmask.eval.api import load_reference, samples_at
     from unmask.inference import load
 
     d = cfg.distill
-    sampling = {}
-    if cfg.diffusion.objective == "duo":  # a uniform-state teacher needs the uniform-state sampler
-        if "process" not in inspect.signature(samples_at).parameters:
-            say("no distillation table: sampling a uniform-state (duo) model needs samples_at(..., process="
-                "\"uniform\"), which this build lacks")
-            return {}
-        sampling["process"] = "uniform"
     teacher = load(d.teacher, weights=d.teacher_weights)
     student_loaded = dataclasses.replace(teacher, model=copy.deepcopy(student).float().cpu().eval())
     reference = load_reference(d.reference) if d.reference else None
@@ -44,7 +36,7 @@ def evaluate_run(cfg: Config, student: nn.Module, run_dir: Path, say=print) -> d
                                      ("student", student_loaded, d.eval_student_steps)):
         for steps in steps_list:
             sets = [samples_at(loaded, steps, reference, num_samples=d.eval_samples, length=length, seed=seed,
-                               block_length=d.eval_block_length, **sampling) for seed in d.eval_seeds]
+                               block_length=d.eval_block_length) for seed in d.eval_seeds]
             rows.append(summarise(name, steps, sets))
             say(f"{name} at {steps} steps: {format_row(rows[-1])}")
     table = write_table({"teacher": d.teacher, "reference": d.reference, "objective": d.objective,
