@@ -40,7 +40,7 @@ class Loaded:
     model_cfg: ModelConfig
     special: SpecialTokens
     codec: Codec
-    objective: str  # "mdlm", "bd3lm" or "ar"
+    objective: str  # "mdlm", "bd3lm", "duo" or "ar" (an export's: from its attention; duo needs its config)
     schedule: str
     source: Path
     config: Config | None = None  # the run's config (checkpoints only)

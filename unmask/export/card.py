@@ -55,7 +55,8 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights:
             + (", grouped-query attention" if m.kv_heads != m.n_heads else "")
             + (", adaLN time conditioning" if m.time_conditioning else ""))
     kind = {"mdlm": "masked-diffusion (MDLM ELBO)",
-            "bd3lm": f"block-diffusion (BD3-LM, blocks of {cfg.diffusion.block_size})"}.get(
+            "bd3lm": f"block-diffusion (BD3-LM, blocks of {cfg.diffusion.block_size})",
+            "duo": "uniform-state diffusion (UDLM ELBO, Duo)"}.get(
         objective, "autoregressive baseline (causal attention)")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: fill-mask",
