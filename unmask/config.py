@@ -149,10 +149,13 @@ class DiffusionConfig(Section):
         0, ge=0, description="duo: the first curriculum_end steps train through Duo's Gaussian relaxation (soft "
         "inputs softmax(latent / tau), log10 tau linear from curriculum_start to curriculum_end); 0: no curriculum, "
         "the plain UDLM ELBO from step 0. Validation is always the true ELBO")
+    # strict=False: a saved config (TOML) holds these pairs as arrays.
     curriculum_tau_log10: tuple[float, float] = Field(
-        (-1.0, -2.0), description="duo curriculum: log10 of the softmax temperature tau at its start and end")
+        (-1.0, -2.0), strict=False,
+        description="duo curriculum: log10 of the softmax temperature tau at its start and end")
     curriculum_gamma: tuple[float, float] = Field(
-        (-3.5, -1.75), description="duo curriculum: (gamma_min, gamma_max) of the Gaussian latent, gamma linear in t")
+        (-3.5, -1.75), strict=False,
+        description="duo curriculum: (gamma_min, gamma_max) of the Gaussian latent, gamma linear in t")
 
     @model_validator(mode="after")
     def _check_uniform_state(self) -> DiffusionConfig:

@@ -203,6 +203,15 @@ def test_soft_one_hot_input_is_the_token_input():
     torch.testing.assert_close(model(F.one_hot(x0, V).float(), t), model(x0, t))
 
 
+def test_saved_config_round_trips():
+    """A run's config is saved as TOML (pairs become arrays) and read back on resume and by eval."""
+    from unmask.config import load_config_text
+
+    cfg = Config(diffusion=DiffusionConfig(objective="duo", curriculum_end=8, curriculum_gamma=(-3.0, -1.5)),
+                 model=ModelConfig(size="tiny", time_conditioning=True))
+    assert load_config_text(cfg.to_toml(), "test") == cfg
+
+
 def test_build_objective_and_config_errors():
     cfg = DiffusionConfig(objective="duo")
     assert isinstance(build_objective(cfg, 4, PAD, vocab_size=V), UniformDiffusion)
