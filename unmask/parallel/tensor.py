@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
@@ -209,7 +210,7 @@ def vocab_parallel_stats(logits: torch.Tensor, xt: torch.Tensor, x0: torch.Tenso
     The softmax's max is all-reduced without gradient (it cancels); the sum of exponentials, the sum of log xbar
     and xbar at x_t / x_0 (taken on the shard that owns the token, 0 elsewhere) are summed over the group by
     megatron's reduce_from_tensor_model_parallel_region, whose identity backward hands each rank the gradient of
-    its own terms."""
+    its own terms (the loss downstream is the same on every rank)."""
     local = logits.double()
     width = local.shape[-1]
     V = width * tp_world()
@@ -218,7 +219,9 @@ def vocab_parallel_stats(logits: torch.Tensor, xt: torch.Tensor, x0: torch.Tenso
     top = local.detach().amax(-1, keepdim=True)
     collective.all_reduce_(top, group=group, op=torch.distributed.ReduceOp.MAX)
     shifted = (local - top).exp()  # [..., V/tp]
-    total = reduce_from_tensor_model_parallel_region(shifted.sum(-1, keepdim=True))  # [..., 1]
+    # The sum enters every rank's xbar: copy_to's all-reduce in backward collects its gradient from all of them.
+    total = copy_to_tensor_model_parallel_region(
+        reduce_from_tensor_model_parallel_region(shifted.sum(-1, keepdim=True)))  # [..., 1]
     a = alpha_t.double()[..., None]
     xbar = V * a * shifted / total + 1 - a  # [..., V/tp]
     sum_log = reduce_from_tensor_model_parallel_region(xbar.log().sum(-1))
