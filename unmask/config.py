@@ -174,7 +174,7 @@ class DiffusionConfig(Section):
                 raise ValueError(f"diffusion.{key}={getattr(self, key)!r} is a masked-diffusion option that "
                                  "objective=\"duo\" does not implement (uniform-state noise, Duo's log-linear alpha, "
                                  f"continuous t): leave diffusion.{key} at its default")
-        if self.curriculum_end and self.curriculum_start >= self.curriculum_end:
+        if self.curriculum_start and self.curriculum_start >= self.curriculum_end:
             raise ValueError(f"diffusion.curriculum_start={self.curriculum_start} must be below curriculum_end="
                              f"{self.curriculum_end} (tau anneals between them); lower curriculum_start")
         if not self.curriculum_gamma[0] < self.curriculum_gamma[1]:
