@@ -124,7 +124,12 @@ def test_an_oracle_pays_nothing(curriculum_end):
     obj = objective(curriculum_end=curriculum_end)
     for step in range(5):
         assert obj.loss(Oracle(x0), x0, BatchKey(step=step, global_batch=8)).loss.item() == pytest.approx(0, abs=1e-8)
-    assert obj.eval_terms(Oracle(x0), x0, 4, key=0).nll.abs().max() < 1e-8
+    terms = obj.eval_terms(Oracle(x0), x0, 4, key=0, accuracy=True)
+    assert terms.nll.abs().max() < 1e-8
+    # accuracy is scored at every non-pad position of every draw
+    assert torch.equal(terms.predicted, 4 * (x0 != PAD).sum(1)) and torch.equal(terms.hits, terms.predicted)
+    uniform = obj.eval_terms(Fixed(torch.zeros(V)), x0, 4, key=0, accuracy=True)
+    assert torch.equal(uniform.predicted, terms.predicted) and (uniform.hits < uniform.predicted).all()
 
 
 def test_forward_process_resamples_uniformly_and_never_touches_pads():
