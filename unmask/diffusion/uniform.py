@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from unmask.config import DiffusionConfig
 from unmask.core import uniform_state
@@ -85,15 +84,16 @@ class UniformDiffusion(MaskedDiffusion):
         g_min, g_max = self.cfg.curriculum_gamma
         gamma = g_min + t.double() * (g_max - g_min)
         alpha, dalpha_dgamma = uniform_state.gaussian_to_uniform(gamma, V)
-        # 2. Gaussian latent [B, L, V] on x0's device, per-sample seeded.
+        # 2. Gaussian latent [B, L, V] on x0's device, per-sample seeded; built in place (each [B, L, V] copy is
+        # B L V floats: gigabytes at a real vocabulary).
         a_g, s_g = (s.float()[:, None, None] for s in uniform_state.gaussian_scales(gamma))
-        noise = per_sample_normals(mix(self.seed, LATENT_STREAM), key, B, (L, V), x0.device)
-        latent = a_g * F.one_hot(x0, V).float() + s_g * noise
+        latent = per_sample_normals(mix(self.seed, LATENT_STREAM), key, B, (L, V), x0.device).mul_(s_g)
+        latent.scatter_add_(-1, x0[..., None], a_g.expand(B, L, 1))  # + a_g onehot(x_0)
         # 3. The discrete sample the loss scores, and the soft input the network reads; pads stay one-hot pad.
         pad = x0 == self.pad_id
         xt = torch.where(pad, x0, latent.argmax(-1))  # [B, L]
-        soft = (latent / tau).softmax(-1)
-        soft = torch.where(pad[..., None], F.one_hot(x0, V).float(), soft)  # [B, L, V]
+        soft = latent.div_(tau).softmax(-1).masked_fill_(pad[..., None], 0.0)  # [B, L, V]
+        soft[..., self.pad_id] += pad.float()
         time = uniform_state.time_of(alpha, self.cfg.eps).float()  # the log-linear t of this alpha: [B]
         return Corrupted((soft, time), (x0, xt, alpha, dalpha_dgamma * (g_max - g_min)))
 
