@@ -101,7 +101,8 @@ class DiffusionConfig(Section):
         "vocabulary, UDLM's ELBO, Duo's curriculum); ar: causal LM")
     block_size: int = Field(16, ge=1, description="bd3lm: tokens per block (1: autoregressive; seq_len: one block)")
     clip: tuple[float, float] | None = Field(
-        None, description="BD3-LM's clipped schedule [lo, hi]: training times (mask rates under loglinear; the "
+        None, strict=False,  # a saved config (TOML) holds the pair as an array
+        description="BD3-LM's clipped schedule [lo, hi]: training times (mask rates under loglinear; the "
         "exact-count share) drawn from [lo, hi] instead of (eps, 1]; a biased, lower-variance training loss. "
         "Validation stays the unclipped bound")
 
