@@ -92,14 +92,17 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
-    """The training objective: masked diffusion (MDLM/MD4), block diffusion (BD3-LM) or the autoregressive baseline."""
+    """The training objective: masked diffusion (MDLM/MD4), block diffusion (BD3-LM), uniform-state diffusion
+    (UDLM/Duo) or the autoregressive baseline."""
 
-    objective: Literal["mdlm", "bd3lm", "ar", "duo"] = Field(
+    objective: Literal["mdlm", "bd3lm", "duo", "ar"] = Field(
         "mdlm", description="mdlm: masked diffusion; bd3lm: block diffusion (causal across blocks of block_size "
-        "tokens, masked diffusion inside each); ar: causal LM")
+        "tokens, masked diffusion inside each); duo: uniform-state diffusion (tokens resampled uniformly from the "
+        "vocabulary, UDLM's ELBO, Duo's curriculum); ar: causal LM")
     block_size: int = Field(16, ge=1, description="bd3lm: tokens per block (1: autoregressive; seq_len: one block)")
     clip: tuple[float, float] | None = Field(
-        None, description="BD3-LM's clipped schedule [lo, hi]: training times (mask rates under loglinear; the "
+        None, strict=False,  # a saved config (TOML) holds the pair as an array
+        description="BD3-LM's clipped schedule [lo, hi]: training times (mask rates under loglinear; the "
         "exact-count share) drawn from [lo, hi] instead of (eps, 1]; a biased, lower-variance training loss. "
         "Validation stays the unclipped bound")
 
@@ -140,6 +143,45 @@ class DiffusionConfig(Section):
         "mdlm only")
     cart_p: float = Field(0.3, gt=0, le=1, description="token_reweighting = \"cart\": the geometric distribution's p "
                           "(Dream's geo_p; larger: weight concentrates on tokens next to context)")
+
+    curriculum_start: int = Field(
+        0, ge=0, description="duo: steps the curriculum holds tau at curriculum_tau_log10[0] before annealing it")
+    curriculum_end: int = Field(
+        0, ge=0, description="duo: the first curriculum_end steps train through Duo's Gaussian relaxation (soft "
+        "inputs softmax(latent / tau), log10 tau linear from curriculum_start to curriculum_end); 0: no curriculum, "
+        "the plain UDLM ELBO from step 0. Validation is always the true ELBO")
+    # strict=False: a saved config (TOML) holds these pairs as arrays.
+    curriculum_tau_log10: tuple[float, float] = Field(
+        (-1.0, -2.0), strict=False,
+        description="duo curriculum: log10 of the softmax temperature tau at its start and end")
+    curriculum_gamma: tuple[float, float] = Field(
+        (-3.5, -1.75), strict=False,
+        description="duo curriculum: (gamma_min, gamma_max) of the Gaussian latent, gamma linear in t")
+
+    @model_validator(mode="after")
+    def _check_uniform_state(self) -> DiffusionConfig:
+        curriculum = {"curriculum_start": 0, "curriculum_end": 0, "curriculum_tau_log10": (-1.0, -2.0),
+                      "curriculum_gamma": (-3.5, -1.75)}
+        changed = [k for k, default in curriculum.items() if getattr(self, k) != default]
+        if self.objective != "duo":
+            if changed:
+                raise ValueError(f"diffusion.{changed[0]} configures Duo's curriculum; diffusion.objective="
+                                 f"{self.objective!r} has none: remove it or set diffusion.objective=\"duo\"")
+            return self
+        refused = {"estimator": self.estimator != "continuous", "clip": self.clip is not None,
+                   "schedule": self.schedule != "loglinear", "random_length_prob": self.random_length_prob > 0}
+        for key, bad in refused.items():
+            if bad:
+                raise ValueError(f"diffusion.{key}={getattr(self, key)!r} is a masked-diffusion option that "
+                                 "objective=\"duo\" does not implement (uniform-state noise, Duo's log-linear alpha, "
+                                 f"continuous t): leave diffusion.{key} at its default")
+        if self.curriculum_start and self.curriculum_start >= self.curriculum_end:
+            raise ValueError(f"diffusion.curriculum_start={self.curriculum_start} must be below curriculum_end="
+                             f"{self.curriculum_end} (tau anneals between them); lower curriculum_start")
+        if not self.curriculum_gamma[0] < self.curriculum_gamma[1]:
+            raise ValueError(f"diffusion.curriculum_gamma={list(self.curriculum_gamma)}: need gamma_min < gamma_max, "
+                             "e.g. [-3.5, -1.75]")
+        return self
 
     @model_validator(mode="after")
     def _check_sft(self) -> DiffusionConfig:
@@ -327,6 +369,8 @@ class Config(Section):
                              "ZeRO work)")
         if self.diffusion.objective == "bd3lm":
             self._check_block_diffusion()
+        if self.diffusion.objective == "duo":
+            self._check_uniform_state()
         if self.lora.rank:
             self._check_lora()
         self._check_adaptation()
@@ -356,6 +400,16 @@ class Config(Section):
             raise ValueError(f"lora.rank={self.lora.rank} runs on the local engine and DeepSpeed ZeRO 0-2 without "
                              f"tensor or pipeline parallelism (parallel.tp={p.tp}, pp={p.pp}, zero_stage="
                              f"{p.zero_stage}): set parallel.tp=1, pp=1, zero_stage<=2, or lora.rank=0")
+
+    def _check_uniform_state(self) -> None:
+        m = self.model
+        if m.arch != "unmask":
+            raise ValueError(f"diffusion.objective='duo' needs the unmask backbone (time conditioning and soft inputs "
+                             f"for its curriculum); model.arch={m.arch!r} has neither: use arch='unmask'")
+        if not m.time_conditioning:
+            raise ValueError("diffusion.objective='duo' needs a time-conditioned network (the uniform-state "
+                             "denoiser cannot read the noise level off its input, as a masked one counts masks): "
+                             "set model.time_conditioning=true")
 
     def _check_block_diffusion(self) -> None:
         d, m = self.diffusion, self.model

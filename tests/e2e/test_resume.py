@@ -25,10 +25,16 @@ def final_weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "step-00000012" / "engine" / "engine.pt", weights_only=True)["model"]
 
 
-def test_resume_is_bit_identical(tiny_shards, tmp_path):
-    run(tiny_shards, tmp_path / "whole")
-    run(tiny_shards, tmp_path / "split", "--train.steps=6")  # stops at 6, last checkpoint at 6 (the end)
-    run(tiny_shards, tmp_path / "split")  # resume auto: continues 7..12
+# duo: uniform-state diffusion whose curriculum (tau annealed from step 2 to 9) spans the resume at step 6.
+DUO = ("--diffusion.objective=duo", "--model.time_conditioning=true", "--diffusion.curriculum_start=2",
+       "--diffusion.curriculum_end=9")
+
+
+@pytest.mark.parametrize("objective", [(), DUO], ids=["mdlm", "duo"])
+def test_resume_is_bit_identical(tiny_shards, tmp_path, objective):
+    run(tiny_shards, tmp_path / "whole", *objective)
+    run(tiny_shards, tmp_path / "split", *objective, "--train.steps=6")  # stops at 6, last checkpoint at 6 (the end)
+    run(tiny_shards, tmp_path / "split", *objective)  # resume auto: continues 7..12
     whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 13))
     assert [whole[s] for s in range(7, 13)] == [split[s] for s in range(7, 13)]  # bit-identical floats

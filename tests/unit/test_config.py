@@ -23,6 +23,14 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     assert load_config(resolved) == cfg
 
 
+def test_pairs_round_trip_through_the_saved_toml():
+    """Tuple fields are TOML arrays once saved; a resume or eval reads them back (strict mode refused lists)."""
+    from unmask.config import Config, DiffusionConfig, load_config_text
+
+    cfg = Config(diffusion=DiffusionConfig(objective="bd3lm", clip=(0.3, 0.8)))
+    assert load_config_text(cfg.to_toml(), "test") == cfg
+
+
 def test_overrides_apply_and_fill_from_size():
     cfg = load_config(None, ["--model.size=small", "--model.n_layers=2", "--optim.lr=1e-2", "--data.val_dir=x"])
     assert (cfg.model.dim, cfg.model.n_layers, cfg.optim.lr, cfg.data.val_dir) == (384, 2, 1e-2, "x")

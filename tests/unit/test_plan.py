@@ -47,13 +47,19 @@ def test_zero_model_states():
     assert estimate(bf16, Layout(dp=4, zero=3), gpu=False).model_states == pytest.approx(16 * P / 4)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"size": "small", "n_layers": 2}])
-def test_activations_match_saved_tensors(overrides):
-    """Bytes autograd saves in one forward of the real loss, against the planner (expected mask rate 1/2)."""
-    cfg = load_config(None, {"model": {"size": "tiny", **overrides}, "train": {"seq_len": 128}})
+@pytest.mark.parametrize("overrides,diffusion", [
+    ({}, {}), ({"n_kv_heads": 4}, {}), ({"size": "small", "n_layers": 2}, {}), ({}, {"objective": "duo"}),
+    ({}, {"objective": "duo", "curriculum_end": 10})])
+def test_activations_match_saved_tensors(overrides, diffusion):
+    """Bytes autograd saves in one forward of the real loss, against the planner (expected mask rate 1/2; duo
+    scores every position, and its curriculum's soft input is saved for the embedding's backward)."""
+    if diffusion:
+        overrides = {**overrides, "time_conditioning": True}
+    cfg = load_config(None, {"model": {"size": "tiny", **overrides}, "train": {"seq_len": 128},
+                             "diffusion": diffusion})
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    objective = build_objective(cfg.diffusion, 4, 0)
+    objective = build_objective(cfg.diffusion, 4, 0, cfg.model.time_conditioning, vocab_size=cfg.model.vocab_size)
     x0 = torch.randint(5, cfg.model.vocab_size, (8, 128))
     saved = bench_memory().SavedTensors(model)
     with saved.hooks():

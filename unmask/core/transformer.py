@@ -177,6 +177,20 @@ def vectorised_block_mask(length: int, block_size: int, device) -> torch.Tensor:
     return diagonal | offset_causal | causal
 
 
+class TokenEmbedding(nn.Embedding):
+    """The token embedding, which also reads a distribution over tokens: Duo's curriculum feeds the network soft
+    inputs [B, L, V] (probabilities), embedded as probs @ weight (s-sahoo/duo `models/dit.py` EmbeddingLayer). The
+    dispatch is in forward so hooks on the module call (ZeRO-3's parameter gather) run for both kinds of input;
+    tensor parallelism overrides `probabilities` (unmask.parallel.tensor)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(tokens) if tokens.is_floating_point() else super().forward(tokens)
+
+    def probabilities(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [..., V] -> [..., D]: the expected embedding under `probs`."""
+        return probs.to(self.weight.dtype) @ self.weight
+
+
 class Transformer(nn.Module):
     supports_kv_cache = True  # the samplers' KV caches need the `kv` argument of forward
 
@@ -191,7 +205,7 @@ class Transformer(nn.Module):
             raise ValueError("shift_logits reads a masked-diffusion model's head one position late (AR adaptation); "
                              "a causal or block-diffusion model reads it unshifted: build it with causal=False and "
                              "block_size=0, or set shift_logits=False")
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = TokenEmbedding(cfg.vocab_size, cfg.dim)
         self.time_embedding = TimeEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
         self.layers = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -201,7 +215,8 @@ class Transformer(nn.Module):
 
     # The pieces below are what the plain forward and the pipeline stages both run (no second copy of the math).
     def embed(self, tokens: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens [B, L] (, t [B]) -> (hidden [B, L, D], time condition [B, cond_dim] or None)."""
+        """tokens [B, L] int64, or probabilities over tokens [B, L, V] float (Duo's curriculum) (, t [B]) ->
+        (hidden [B, L, D], time condition [B, cond_dim] or None)."""
         cond = None
         if self.time_embedding is not None:
             if t is None:
@@ -238,7 +253,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, kv=None,
                 clean: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [B, L] int64, t: [B] in [0, 1] (used only with time conditioning) -> logits [B, L, V].
+        """tokens: [B, L] int64 (or [B, L, V] probabilities, `embed`), t: [B] in [0, 1] (used only with time
+        conditioning) -> logits [B, L, V].
 
         kv (kv_cache.KVCache, samplers only): tokens are positions [kv.offset, kv.offset + L) of a longer sequence
         whose other positions' keys/values the cache holds.
@@ -258,7 +274,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, cond, mask=mask)
             return self.head(h[:, : tokens.shape[1]])
         h, cond = self.embed(tokens, t)
-        cos, sin, mask = self.layout(tokens.shape[1], h.device, offset=0 if kv is None else kv.offset)
+        cos, sin, mask = self.layout(h.shape[1], h.device, offset=0 if kv is None else kv.offset)
         mask = mask if attn_mask is None else attn_mask
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cond, None if kv is None else kv.layer(i), mask)

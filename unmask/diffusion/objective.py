@@ -309,10 +309,21 @@ def count_masks(maskable: torch.Tensor, frac: torch.Tensor, u: torch.Tensor):
 
 
 def build_objective(cfg: DiffusionConfig, mask_id: int, pad_id: int, seed: int = 0,
-                    time_conditioned: bool = False, nll: NLL | None = None, eos_id: int | None = None):
+                    time_conditioned: bool = False, nll: NLL | None = None, eos_id: int | None = None,
+                    vocab_size: int | None = None, vocab_stats=None):
     """`nll`: the per-token loss on the network's logits; None is the dense one (vocab-parallel under TP).
-    `eos_id`: the <eos> id, which SFT's sft_eos_padding "first" and "none" need."""
+    `eos_id`: the <eos> id, which SFT's sft_eos_padding "first" and "none" need. Uniform-state diffusion (duo)
+    needs the model's `vocab_size` and takes `vocab_stats`, its vocabulary reductions of the logits (None: the
+    dense ones; vocab-parallel under TP)."""
     nll = nll or dense_nll
+    if cfg.objective == "duo":
+        from unmask.core.uniform_state import vocab_stats as dense_stats
+        from unmask.diffusion.uniform import UniformDiffusion
+
+        if vocab_size is None:
+            raise ValueError("diffusion.objective='duo' draws replacement tokens from the whole vocabulary: build the "
+                             "objective with vocab_size (build_objective(..., vocab_size=cfg.model.vocab_size))")
+        return UniformDiffusion(cfg, pad_id, vocab_size, seed, vocab_stats or dense_stats)
     if cfg.objective == "ar":
         from unmask.diffusion.autoregressive import Autoregressive
 

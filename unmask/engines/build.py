@@ -80,13 +80,14 @@ def build_components(cfg: Config, dims: ParallelDims, device: torch.device, spec
     `init_state`: full plain weights to start from (sliced per parameter into this rank's share);
     `wrap_objective(objective, model)`: a stage's objective around the base one, given the whole plain model
     before any parallel layout (distillation copies it as the teacher), which then goes to the engine."""
-    nll = None
+    nll = stats = None
     if dims.tp > 1:
-        from unmask.parallel.tensor import vocab_parallel_nll
+        from unmask.parallel.tensor import vocab_parallel_nll, vocab_parallel_stats
 
-        nll = vocab_parallel_nll
+        nll, stats = vocab_parallel_nll, vocab_parallel_stats
     objective = build_objective(cfg.diffusion, special.mask, special.pad, cfg.train.seed,
-                                cfg.model.time_conditioning, nll=nll, eos_id=special.eos)
+                                cfg.model.time_conditioning, nll=nll, eos_id=special.eos,
+                                vocab_size=cfg.model.vocab_size, vocab_stats=stats)
     model = None
     if wrap_objective is not None:
         model = whole_model(cfg, device, init_state)

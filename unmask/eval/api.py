@@ -38,7 +38,8 @@ def likelihood(loaded, shards: str, *, batches: int = 16, batch_size: int = 8, t
                             f"masked-diffusion (mdlm) model, and this is a {diffusion.objective!r} one")
         diffusion = diffusion.model_copy(update={"prompt_conditioned": True})
     objective = build_objective(diffusion, loaded.special.mask, loaded.special.pad, 0,
-                                loaded.model_cfg.time_conditioning, eos_id=loaded.special.eos)
+                                loaded.model_cfg.time_conditioning, eos_id=loaded.special.eos,
+                                vocab_size=loaded.model_cfg.vocab_size)
     held = list(itertools.islice(iter(loader), batches))
     result = evaluate_likelihood(loaded.model, objective, held, time_samples=time_samples)
     if not loader.manifest.sft:  # per byte: comparable across tokenizers (an SFT split scores responses only)

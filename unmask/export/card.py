@@ -54,8 +54,9 @@ def model_card(cfg, meta: dict, step_dir: Path, special, n_params: int, weights:
             "pre-norm RMSNorm blocks, rotary positions, SwiGLU, no biases"
             + (", grouped-query attention" if m.kv_heads != m.n_heads else "")
             + (", adaLN time conditioning" if m.time_conditioning else ""))
-    kind = {"mdlm": "masked-diffusion (MDLM ELBO)", "duo": "uniform-state diffusion (Duo)",
-            "bd3lm": f"block-diffusion (BD3-LM, blocks of {cfg.diffusion.block_size})"}.get(
+    kind = {"mdlm": "masked-diffusion (MDLM ELBO)",
+            "bd3lm": f"block-diffusion (BD3-LM, blocks of {cfg.diffusion.block_size})",
+            "duo": "uniform-state diffusion (UDLM ELBO, Duo)"}.get(
         objective, "autoregressive baseline (causal attention)")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: fill-mask",

@@ -23,10 +23,14 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
+
+from unmask.parallel import collective
 
 # unmask's Transformer. Modules are sharded in the model's own order, so the embedding comes before the output
 # head that may share its weight.
@@ -80,6 +84,19 @@ class _Column(ColumnParallelLinear):
         return super().forward(x)[0]
 
 
+class _VocabEmbedding(VocabParallelEmbedding):
+    """The vocab-parallel counterpart of `TokenEmbedding`: token ids as megatron embeds them, and probabilities
+    over the vocabulary [..., V] (Duo's soft inputs, whole on every rank) as this rank's slice of them times its
+    rows, summed over the group (forward all-reduce, identity backward)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(tokens) if tokens.is_floating_point() else super().forward(tokens)
+
+    def probabilities(self, probs: torch.Tensor) -> torch.Tensor:
+        local = probs[..., self.vocab_start_index:self.vocab_end_index].to(self.weight.dtype) @ self.weight
+        return reduce_from_tensor_model_parallel_region(local)
+
+
 class _Row(RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
@@ -125,7 +142,7 @@ def _fill(layer: nn.Module, full: nn.Module, style: str, tied: nn.Parameter | No
 def _sharded_layer(style: str, full: nn.Module, mcfg: ModelParallelConfig) -> nn.Module:
     init = nn.init.zeros_  # never called: perform_initialization=False
     if style == "vocab":
-        return VocabParallelEmbedding(full.num_embeddings, full.embedding_dim, init_method=init, config=mcfg)
+        return _VocabEmbedding(full.num_embeddings, full.embedding_dim, init_method=init, config=mcfg)
     bias = full.bias is not None  # Qwen2's q/k/v, every BERT projection
     if style == "column":
         return _Column(full.in_features, full.out_features, config=mcfg, init_method=init, bias=bias,
@@ -184,3 +201,34 @@ def vocab_parallel_nll(logits: torch.Tensor, targets: torch.Tensor, suppress: in
         if start <= suppress < start + logits.shape[-1]:
             logits[:, suppress - start] = float("-inf")
     return vocab_parallel_cross_entropy(logits, targets)
+
+
+def vocab_parallel_stats(logits: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Tensor):
+    """`unmask.core.uniform_state.vocab_stats` on vocab-sharded logits [..., V/tp]: (sum_log_xbar, xbar(x_t),
+    xbar(x_0)) [...] in float64, xbar = V alpha_t softmax(logits) + 1 - alpha_t over the whole vocabulary.
+
+    The softmax's max is all-reduced without gradient (it cancels); the sum of exponentials, the sum of log xbar
+    and xbar at x_t / x_0 (taken on the shard that owns the token, 0 elsewhere) are summed over the group by
+    megatron's reduce_from_tensor_model_parallel_region, whose identity backward hands each rank the gradient of
+    its own terms (the loss downstream is the same on every rank)."""
+    local = logits.double()
+    width = local.shape[-1]
+    V = width * tp_world()
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    group = parallel_state.get_tensor_model_parallel_group()
+    top = local.detach().amax(-1, keepdim=True)
+    collective.all_reduce_(top, group=group, op=torch.distributed.ReduceOp.MAX)
+    shifted = (local - top).exp()  # [..., V/tp]
+    # The sum enters every rank's xbar: copy_to's all-reduce in backward collects its gradient from all of them.
+    total = copy_to_tensor_model_parallel_region(
+        reduce_from_tensor_model_parallel_region(shifted.sum(-1, keepdim=True)))  # [..., 1]
+    a = alpha_t.double()[..., None]
+    xbar = V * a * shifted / total + 1 - a  # [..., V/tp]
+    sum_log = reduce_from_tensor_model_parallel_region(xbar.log().sum(-1))
+
+    def at(tokens):
+        owned = (tokens >= start) & (tokens < start + width)
+        picked = xbar.gather(-1, (tokens - start).clamp(0, width - 1)[..., None])[..., 0]
+        return reduce_from_tensor_model_parallel_region(torch.where(owned, picked, torch.zeros_like(picked)))
+
+    return sum_log, at(xt), at(x0)

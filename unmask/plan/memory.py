@@ -124,13 +124,20 @@ def estimate(cfg: Config, layout: Layout, seq_len: int | None = None, gpu: bool 
     layers = m.n_layers // L.pp
     in_flight = min(L.pp, L.accum)
     kept = cfg.network_streams * tokens * m.dim * w if L.ckpt else block  # per block and micro-batch
-    masked = 1.0 if cfg.diffusion.objective == "ar" else 0.5  # expected masked fraction, t ~ U(0, 1]
-    head = tokens * (3 * m.dim * w + masked * m.vocab_size / L.tp * 4)
-    first = layers * in_flight * kept + (block if L.ckpt else 0)
-    last = layers * kept + (block if L.ckpt else 0) + head
+    duo = cfg.diffusion.objective == "duo"
+    # Expected scored fraction: masked positions, t ~ U(0, 1]; the AR and uniform-state losses score every one.
+    masked = 1.0 if cfg.diffusion.objective in ("ar", "duo") else 0.5
+    # Saved per scored logit: fp32 for the masked loss; the uniform-state loss's float64 softmax and xbar besides.
+    head = tokens * (3 * m.dim * w + masked * m.vocab_size / L.tp * (20 if duo else 4))
+    # Duo's curriculum: the first stage keeps each in-flight micro-batch's soft input [B, L, V] (fp32, the whole
+    # vocabulary on every tensor-parallel rank) for the embedding's backward.
+    soft = tokens * m.vocab_size * 4 * in_flight if duo and cfg.diffusion.curriculum_end else 0.0
+    first = layers * in_flight * kept + (block if L.ckpt else 0) + soft
+    last = layers * kept + (block if L.ckpt else 0) + head + (soft if L.pp == 1 else 0.0)
     activations = max(first, last)
-    # The loss's transient: full logits, then the masked rows gathered, cast to fp32 and cloned.
-    logits = tokens * m.vocab_size / L.tp * (w + masked * (w + 8))
+    # The loss's transient: full logits, then the masked rows gathered, cast to fp32 and cloned; the uniform-state
+    # loss instead keeps float64 logits, softmax, xbar and log xbar of every row.
+    logits = tokens * m.vocab_size / L.tp * (w + (32 if duo else masked * (w + 8)))
 
     buffers = 0.0
     bucket = zero_bucket(m)

@@ -29,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     init_state = None
     if args.init_from:
-        from unmask.model.hf.init import init_from, with_model
+        from unmask.model.hf.init import init_from, with_model, with_time_conditioning
 
         init_state, model_fields = init_from(args.init_from, cfg)
         cfg = with_model(cfg, model_fields)
+        init_state = with_time_conditioning(init_state, cfg)
     train(cfg, init_state=init_state)
     return 0

@@ -110,7 +110,34 @@ def with_model(cfg: Config, fields: dict) -> Config:
     data = cfg.model_dump()
     # shift_logits is how the run reads the network (AR adaptation), not a property of the source's weights: kept.
     data["model"] = {**fields, "shift_logits": cfg.model.shift_logits}
+    if cfg.diffusion.objective == "duo" and not fields.get("time_conditioning"):
+        # Uniform-state diffusion reads t: an untimed source (mdlm, AR) gains time conditioning (with_time_conditioning)
+        data["model"].update(time_conditioning=True, cond_dim=cfg.model.cond_dim)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"--init-from: {describe(e)}") from None
+
+
+def with_time_conditioning(state: Mapping[str, torch.Tensor], cfg: Config) -> Mapping[str, torch.Tensor]:
+    """`state` plus fresh time-conditioning weights (the time embedding, every block's adaLN) where the source has
+    none and cfg.model asks for them (a duo run from an mdlm or AR export), drawn by the model's own init rule and
+    seed, except that each adaLN's gate biases are 1 instead of adaLN-zero's 0 (which would make every block the
+    identity): shift and scale 0 and gates 1 are the untimed block, so the network computes exactly what the source
+    did, for any t, until training moves them."""
+    from collections import ChainMap
+
+    from unmask.model.build import build_model, param_seed
+
+    if not cfg.model.time_conditioning:
+        return state
+    model = build_model(cfg.model, causal=cfg.causal, block_size=cfg.block_size, device="meta")
+    fresh = {}
+    for name, p in model.named_parameters():
+        if name not in state and (name.startswith("time_embedding.") or ".adaln." in name):
+            full = torch.empty(p.shape, dtype=torch.float32)
+            model.init_parameter(name, full, torch.Generator().manual_seed(param_seed(cfg.train.seed, name)))
+            if name.endswith(".adaln.bias"):  # [shift1, scale1, gate1, shift2, scale2, gate2] (Block.forward)
+                full.view(6, -1)[[2, 5]] = 1.0
+            fresh[name] = full
+    return ChainMap(fresh, state) if fresh else state
