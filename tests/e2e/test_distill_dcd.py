@@ -2,14 +2,11 @@
 the loss falls, a resume mid-round is exact, the round boundary refreshes the teacher, and each objective refuses
 the other kind of teacher.
 
-The teacher is trained by `unmask train` with diffusion.objective = "duo". Until the uniform-state objective is
-merged (unmask/diffusion/uniform.py), the config accepts "duo" but build_objective trains it as masked diffusion:
-the stage's mechanics are tested on a checkpoint that is only labelled duo. After the merge the same tests run on
-a real Duo teacher (DUO_OBJECTIVE says which)."""
+The teacher is trained by `unmask train` with diffusion.objective = "duo" (with a short curriculum, which the
+student's config drops)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 from pathlib import Path
@@ -23,7 +20,6 @@ from unmask.errors import ConfigError
 from unmask.launcher.env import REQUEUE_EXIT_CODE
 from unmask.train.loop import train
 
-DUO_OBJECTIVE = importlib.util.find_spec("unmask.diffusion.uniform") is not None  # a real uniform-state teacher
 FAST = ("--train.threads=1", "--train.micro_batch_size=4", "--train.val_every=0", "--train.log_every=1",
         "--optim.warmup_steps=0", "--optim.decay=constant", "--model.time_conditioning=true")
 
@@ -32,7 +28,7 @@ FAST = ("--train.threads=1", "--train.micro_batch_size=4", "--train.val_every=0"
 def duo_teacher(tiny_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("duo_teacher")
     train(tiny_config(tiny_shards, run, *FAST, "--diffusion.objective=duo", "--train.steps=30",
-                      "--train.val_batches=1"))
+                      "--train.val_batches=1", "--diffusion.curriculum_end=10"))
     return run
 
 

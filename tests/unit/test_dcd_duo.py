@@ -27,7 +27,8 @@ def setup(start: int = 4, final: int = 2, **distill):
     # A large init makes predictions depend on the input, so x_t and x_s give different predictions.
     model = build_model(ModelConfig(size="tiny", vocab_size=V, init_std=0.5, time_conditioning=True))
     cfg = DistillConfig(objective="dcd", start_steps=start, final_steps=final, **distill)
-    diffusion = build_objective(DiffusionConfig(objective="duo"), MASK, PAD, seed=3, time_conditioned=True)
+    diffusion = build_objective(DiffusionConfig(objective="duo"), MASK, PAD, seed=3, time_conditioned=True,
+                                vocab_size=V)
     obj = DuoDCD(cfg, diffusion, frozen_copy(model, cfg.teacher_dtype))
     x0 = torch.randint(5, V, (B, L), generator=torch.Generator().manual_seed(1))
     x0[:, -3:] = PAD  # padded tails: kept in x_t and x_s, never scored

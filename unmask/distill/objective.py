@@ -183,7 +183,8 @@ class DuoDCD(_Distill):
     its uniform-state alpha. Loss per non-pad token: the divergence (default KL(student || teacher), Duo's kl-bwd)
     over the full vocabulary: in a uniform-state model every token may be noise, and no token is suppressed.
 
-    Needs of the diffusion objective: seed, pad_id, time_conditioned, times(key, B), eval_terms, nll."""
+    Needs of the diffusion objective (UniformDiffusion): seed, pad_id, vocab_size, time_conditioned, times(key,
+    B), eval_terms, nll."""
 
     def __init__(self, cfg: DistillConfig, diffusion, teacher: nn.Module):
         super().__init__(cfg, diffusion, teacher)
@@ -229,7 +230,7 @@ class DuoDCD(_Distill):
 
     def loss(self, model, x0: torch.Tensor, key: BatchKey, prompt_mask: torch.Tensor | None = None) -> LossOutput:
         B, _ = x0.shape
-        vocab = self.teacher.cfg.vocab_size
+        vocab = self.diffusion.vocab_size  # the vocabulary the teacher's forward process covers
         # 1. Times and noise levels: t, s [B]; gamma linear in time; the uniform-state alpha of each gamma [B].
         t, s = self.times(key, B)
         gamma_t, gamma_s = self.gamma(t).to(x0.device), self.gamma(s).to(x0.device)

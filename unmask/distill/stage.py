@@ -48,9 +48,11 @@ def prepare_config(cfg: Config, teacher: str | None) -> tuple[Config, dict]:
     # Distillation runs the reverse process from a time t to s: its x_t must come from a time, whichever estimator
     # trained the teacher (a count-based corruption has none). An adapted teacher's anneal_steps is dropped: its
     # annealing is done, and the distill objectives run student and teacher at full attention; a CART teacher's
-    # token_reweighting is dropped too (the divergence weighs no tokens).
+    # token_reweighting is dropped too (the divergence weighs no tokens), and so is a duo teacher's training
+    # curriculum (DCD makes its own Gaussian trajectories).
     cfg.diffusion = teacher_cfg.diffusion.model_copy(update={"estimator": "continuous", "anneal_steps": 0,
-                                                             "token_reweighting": "none"})
+                                                             "token_reweighting": "none", "curriculum_start": 0,
+                                                             "curriculum_end": 0})
     cfg.distill.teacher = str(path)
     cfg.train.steps = cfg.distill.rounds * cfg.distill.steps_per_round
     return cfg, state
