@@ -107,9 +107,9 @@ def measure(args, method: str, teacher: Path, student: Path, reference) -> tuple
 
     torch.set_num_threads(args.threads)
     rows = []
-    for model, run_dir in (("teacher", teacher), ("student", student)):
+    for model, run_dir, steps_list in (("teacher", teacher, args.steps), ("student", student, args.student_steps)):
         loaded = load(run_dir)
-        for steps in args.steps:
+        for steps in steps_list:
             sets = [sample_set(args, loaded, reference, args.out_dir / "rows" /
                                f"{method}-{model}-{steps}-L{args.length}-n{args.samples}-s{seed}.json", steps, seed)
                     for seed in args.seeds]
@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="samples per row and seed")
     p.add_argument("--length", type=int, default=128, help="tokens per sample")
     p.add_argument("--steps", type=int, nargs="+", default=[8, 16, 64, 1024])
+    p.add_argument("--student-steps", type=int, nargs="+", default=[8, 16, 64],
+                   help="the students' rows (the goal compares student@8 with teacher@1024)")
     p.add_argument("--reference", default="smollm2", help="the judge (unmask.eval.api.load_reference)")
     p.add_argument("--nelbo-batches", type=int, default=16, help="held-out batches of 8 for each teacher's NELBO")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
