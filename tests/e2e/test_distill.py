@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.support.distill import checkpoint, same
 from tests.support.runs import metrics, tiny_config, train_losses
 from unmask.distill.objective import SDTT
 from unmask.distill.stage import distill, prepare_config
@@ -30,19 +30,6 @@ def teacher(tiny_shards, tmp_path_factory) -> Path:
 def student_config(shards, run, *overrides):
     return tiny_config(shards, run, *FAST, "--train.val_batches=1", "--distill.eval=false",
                        "--checkpoint.interval_steps=0", *overrides)
-
-
-def checkpoint(run: Path, step: int) -> tuple[dict, dict, dict]:
-    """(meta, student weights, teacher weights) of a saved step."""
-    path = run / "checkpoints" / f"step-{step:08d}"
-    meta = json.loads((path / "meta.json").read_text())
-    student = torch.load(path / "engine" / "engine.pt", weights_only=True)["model"]
-    client = torch.load(path / "client" / "rank-00000.pt", weights_only=True)
-    return meta, student, client["stage"]["teacher"]
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_distillation_loss_falls(tiny_shards, teacher, tmp_path):
