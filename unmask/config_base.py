@@ -1,4 +1,4 @@
-"""The base of every configuration section (unmask.config, unmask.config_runtime)."""
+"""The base of every configuration section (unmask.config, unmask.config_objectives, unmask.config_runtime)."""
 
 from pydantic import BaseModel, ConfigDict
 
