@@ -4,6 +4,7 @@ prepared shards that the data, trainer and end-to-end tests read."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,12 @@ def smollm2_gguf() -> Path:
         return smollm2_path()
     except Exception as e:  # noqa: BLE001 - any failure to find the optional extra
         pytest.skip(str(e))
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """A preempted run leaves SIGTERM/SIGINT ignored (so a duplicate signal cannot kill its exit): undo that here."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

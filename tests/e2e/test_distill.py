@@ -4,7 +4,6 @@ a round boundary hands the student's weights to the teacher, and the evaluation 
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,6 @@ def test_distillation_loss_falls(tiny_shards, teacher, tmp_path):
     assert len(losses) == 30
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
-
-
-@pytest.fixture
-def own_signal_handlers():
-    """A preempted run leaves SIGTERM/SIGINT ignored (so a duplicate signal cannot kill its exit): undo that here."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def test_sigterm_mid_round_saves_exits_3_and_resumes_exactly(tiny_shards, teacher, tmp_path, monkeypatch,

@@ -7,7 +7,6 @@ student's config drops)."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,6 @@ def test_dcd_loss_falls(tiny_shards, duo_teacher, tmp_path):
     assert len(losses) == 30 and all(v > 0 for v in losses)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
-
-
-@pytest.fixture
-def own_signal_handlers():
-    """A preempted run leaves SIGTERM/SIGINT ignored (so a duplicate signal cannot kill its exit): undo that here."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def test_dcd_resumes_mid_round_exactly_and_refreshes_the_teacher_at_round_boundaries(
