@@ -43,7 +43,14 @@ VARIANTS: dict[str, list[str]] = {
     "lr_1e-3": ["--optim.lr=1e-3"],
     "batch_8": ["--train.micro_batch_size=8", "--train.steps={double}"],
     "batch_64_lr_6e-3": ["--train.micro_batch_size=64", "--train.steps={quarter}", "--optim.lr=6e-3"],
+    "init_0.125": ["--model.init_std=0.125"],  # ~dim**-0.5 instead of GPT-2's 0.02
+    "qkv_bias": ["--model.qkv_bias=true"],
+    "rope_100": ["--model.rope_theta=100"],
+    # AR warm start (DiffuLLaMA/Dream at this scale): the first third of the budget trains unmask's AR baseline, the
+    # rest adapts it (shifted logits, attention annealed over 100 steps). Same tokens in all.
+    "ar_warm_third": ["--model.shift_logits=true", "--diffusion.anneal_steps=100", "--train.steps={two_thirds}"],
 }
+WARM_START = {"ar_warm_third": 3}  # variant -> the AR stage is steps // this
 
 
 def fetch_bbc(cache: Path) -> Path:
@@ -101,18 +108,35 @@ def run(data: Path, work: Path, objective: str, variant: str, seed: int, steps: 
         return row
     applied = VARIANTS[variant] if objective == "mdlm" else []
     out = run_dir(work, objective, name, seed, steps)
-    args = [a.format(steps=steps, quarter=steps // 4, double=2 * steps) for a in BASE + applied]
-    config = ROOT / "configs" / ("ar-demo-cpu.toml" if objective == "ar" else "tiny.toml")
-    cmd = [sys.executable, "-m", "unmask", "train", str(config), *args, f"--train.seed={seed}",
-           f"--train.run_dir={out}", f"--data.train_dir={data / 'train'}", f"--data.val_dir={data / 'val'}",
-           f"--diffusion.objective={objective}", "--checkpoint.resume=never"]
+    args = [a.format(steps=steps, quarter=steps // 4, double=2 * steps, two_thirds=steps - steps // 3)
+            for a in BASE + applied]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if objective == "mdlm" and variant in WARM_START:
+        args += ["--init-from", str(warm_start(data, out, seed, steps // WARM_START[variant]))]
+    train(objective, args + [f"--train.seed={seed}", f"--train.run_dir={out}"], data)
     row = final_validation(out)
     (out / "bench-result.json").write_text(json.dumps(row))
     print(f"  {objective:4} {name:18} seed {seed}: {row['val_nelbo']:.4f} nats/token "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return row
+
+
+def train(objective: str, args: list[str], data: Path) -> None:
+    config = ROOT / "configs" / ("ar-demo-cpu.toml" if objective == "ar" else "tiny.toml")
+    cmd = [sys.executable, "-m", "unmask", "train", str(config), *args, f"--data.train_dir={data / 'train'}",
+           f"--data.val_dir={data / 'val'}", f"--diffusion.objective={objective}", "--checkpoint.resume=never"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def warm_start(data: Path, out: Path, seed: int, steps: int) -> Path:
+    """The export of an AR baseline trained for `steps` (the first stage of a warm-started diffusion run)."""
+    stage = out.parent.parent / "warm-start" / out.name  # outside runs/, which the table globs
+    ar_run, export = stage / f"ar-{steps}", stage / f"ar-{steps}-hf"
+    args = [a.format(steps=steps) for a in BASE]
+    train("ar", args + [f"--train.seed={seed}", f"--train.run_dir={ar_run}"], data)
+    subprocess.run([sys.executable, "-m", "unmask", "export", "--checkpoint", str(ar_run), "--out", str(export)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return export
 
 
 def spread(values: list[float]) -> str:
