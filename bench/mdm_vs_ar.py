@@ -5,7 +5,8 @@ trains a 1024-piece tokenizer and packs 128-token rows; every run is `unmask tra
 same steps x 16 x 128 tokens, lr 3e-3 (the budget of issue 15). For each variant (config overrides of the
 diffusion run) and seed it prints the masked-diffusion bound (validation NELBO, nats/token, exact-count estimator),
 the NLL of unmask's AR baseline on the same held-out tokens (same budget and settings, the variant not applied), and
-their ratio, as mean +- standard deviation over the seeds.
+their ratio, as mean +- standard deviation over the seeds. A warm-start variant (`ar_warm_third`) spends the first
+third of the steps on the AR baseline, exports it, and adapts it (`--init-from`) for the rest: the same tokens.
 
     python bench/mdm_vs_ar.py                                   # every variant, seeds 0 1 2 (6-12 min a run)
     python bench/mdm_vs_ar.py --variants base ema --seeds 0 1   # some of them
@@ -46,6 +47,9 @@ VARIANTS: dict[str, list[str]] = {
     "init_0.125": ["--model.init_std=0.125"],  # ~dim**-0.5 instead of GPT-2's 0.02
     "qkv_bias": ["--model.qkv_bias=true"],
     "rope_100": ["--model.rope_theta=100"],
+    # Dream's shift from scratch: a masked token's logits come from the hidden state of the position before it,
+    # whose own token (when visible) sits in its residual stream: a bigram path that needs no attention.
+    "shift": ["--model.shift_logits=true"],
     # AR warm start (DiffuLLaMA/Dream at this scale): the first third of the budget trains unmask's AR baseline, the
     # rest adapts it (shifted logits, attention annealed over 100 steps). Same tokens in all.
     "ar_warm_third": ["--model.shift_logits=true", "--diffusion.anneal_steps=100", "--train.steps={two_thirds}"],
