@@ -1,7 +1,8 @@
 """Where over the mask rate t a masked-diffusion model loses its bound: the cross-entropy per masked token on
 held-out sequences with each token masked independently with probability t, at a few fixed t (the NELBO under
 the linear schedule is the integral of this curve over t in (0, 1], so its mean over evenly spaced t
-approximates it). Prints one row per t, and the unigram entropy of the same tokens for scale.
+approximates it). Prints one row per t, and for scale two unigram predictors of the same tokens: their own
+frequencies (an oracle: a held-out split of a few documents has its own names) and the training split's (fair).
 
     python bench/nelbo_by_t.py runs/adapt-smollm2-cpu [--val data/shakespeare-smollm2/val] [--batches 2]
 
@@ -26,6 +27,7 @@ def main() -> None:
     p.add_argument("--val", default=None, help="held-out split (default: the run's data.val_dir)")
     p.add_argument("--batches", type=int, default=2, help="batches of 8 sequences")
     p.add_argument("--t", type=float, nargs="+", default=[0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95])
+    p.add_argument("--train-batches", type=int, default=200, help="batches of 8 training sequences for the unigram")
     args = p.parse_args()
     loaded = load(args.checkpoint, "cpu")
     special = loaded.special
@@ -34,7 +36,12 @@ def main() -> None:
     tokens = torch.cat([b[b != special.pad] for b in batches])
     freq = torch.bincount(tokens).double() / len(tokens)
     entropy = -float((freq[freq > 0] * freq[freq > 0].log()).sum())
-    print(f"{args.checkpoint}: {len(tokens)} held-out tokens, unigram entropy {entropy:.3f} nats")
+    train = torch.cat([b[b != special.pad] for b in itertools.islice(
+        iter(held_out(loaded, loaded.config.data.train_dir, 8)), args.train_batches)])
+    counts = torch.bincount(train, minlength=loaded.model_cfg.vocab_size).double() + 0.5  # add-half smoothing
+    fair = -float((counts / counts.sum()).log()[tokens].mean())
+    print(f"{args.checkpoint}: {len(tokens)} held-out tokens, unigram entropy {entropy:.3f} nats (their own "
+          f"frequencies), {fair:.3f} under the training split's ({len(train)} tokens)")
     g = torch.Generator().manual_seed(0)
     curve = []
     for t in args.t:
