@@ -1,7 +1,7 @@
 .PHONY: demo demo-scratch test test-fast lint bench
 
-# Fresh machine -> virtualenv -> Shakespeare -> SmolLM2-135M adapted to masked diffusion -> samples, infills ->
-# few-step distillation -> Hugging Face export (32 minutes on 2 cores on a fresh clone, venv included).
+# Fresh machine -> virtualenv -> BBC News -> SmolLM2-135M adapted to masked diffusion -> samples, infills ->
+# few-step distillation -> Hugging Face export (35-40 minutes on 2 cores, venv included; README "Two commands").
 demo:
 	bash scripts/demo.sh
 

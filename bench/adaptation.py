@@ -1,16 +1,20 @@
 """Adapted vs from scratch (issue 16's checks): SmolLM2-135M adapted to masked diffusion by `make demo` against the
-0.16M-parameter model `make demo-scratch` trains from scratch, on the held-out text of the same corpus.
+0.16M-parameter from-scratch demo model (`configs/demo-cpu.toml`, `make demo-scratch`'s recipe) trained on the same
+corpus, BBC News, on the held-out text of that corpus.
 
 1. Held-out likelihood, each model on its own tokenization of the same held-out documents (prepare-data's split
    follows each document's digest, not the tokenizer): NELBO per token with its standard error, per UTF-8 byte
    (the comparable figure across tokenizers), and the top-1 accuracy on the masked tokens the NELBO scores.
 2. Unconditional samples at temperature 1, one token per step in left-to-right blocks, scored per judge token
    and per byte by two judges: SmolLM2-135M (biased: it judges its own descendant) and an unmask AR baseline
-   trained on the demo corpus (`configs/ar-demo-cpu.toml`, trained here when missing), beside the same judges'
-   scores of held-out text and of that text with its words shuffled. Mean +- standard deviation over seeds.
+   trained on the demo corpus (`configs/ar-demo-cpu.toml`), beside the same judges' scores of held-out text and of
+   that text with its words shuffled. Mean +- standard deviation over seeds.
 
-    make demo && make demo-scratch        # the two runs (each ~30 minutes on 2 cores)
-    python bench/adaptation.py            # ~10 minutes
+The from-scratch model and the AR judge are trained here when missing (data/bbc-512: the corpus in a 512-piece
+tokenizer, as `make demo-scratch` tokenizes Shakespeare; ~10 minutes for both on 2 cores).
+
+    make demo                             # the adapted run (~35 minutes on 2 cores)
+    python bench/adaptation.py            # ~25 minutes the first time
     python bench/adaptation.py --seeds 0 1 2 3 --samples 16
 
 Prints figures and ratios; asserts nothing.
@@ -34,19 +38,38 @@ def spread(values: list[float], fmt: str = ".1f") -> str:
     return f"{statistics.mean(values):{fmt}} +- {sd:{fmt}}"
 
 
-def ensure_ar_judge(path: Path) -> None:
-    if (path / "checkpoints" / "latest").exists():
+SCRATCH_DATA = ROOT / "data/bbc-512"  # the demo corpus with the from-scratch demo's 512-piece tokenizer
+
+
+def ensure_scratch_data(data: Path) -> None:
+    if (data / "train" / "manifest.json").is_file():
         return
-    cmd = ["unmask", "train", "configs/ar-demo-cpu.toml", f"--train.run_dir={path}"]
-    print("training the AR judge:", " ".join(cmd), flush=True)
+    from unmask.data.corpora import fetch_bbc_news
+
+    corpus = fetch_bbc_news(ROOT / "data/corpora")
+    cmd = ["unmask", "prepare-data", str(corpus), "--out", str(data), "--vocab-size", "512", "--seq-len", "128",
+           "--val-fraction", "0.05", "--no-progress"]
+    print("preparing the from-scratch shards:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def ensure_run(config: str, run: Path, data: Path) -> None:
+    """Train `config` on `data` into `run` unless it has finished there."""
+    if (run / "checkpoints" / "latest").exists():
+        return
+    cmd = ["unmask", "train", config, f"--data.train_dir={data}/train", f"--data.val_dir={data}/val",
+           f"--train.run_dir={run}"]
+    print("training:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapted", type=Path, default=ROOT / "runs/adapt-smollm2-cpu")
-    p.add_argument("--scratch", type=Path, default=ROOT / "runs/demo-cpu")
-    p.add_argument("--ar-judge", type=Path, default=ROOT / "runs/ar-demo-cpu")
+    p.add_argument("--scratch", type=Path, default=ROOT / "runs/demo-cpu-bbc",
+                   help="the from-scratch demo model on the demo corpus (trained here when missing)")
+    p.add_argument("--ar-judge", type=Path, default=ROOT / "runs/ar-demo-cpu-bbc",
+                   help="the AR judge on the demo corpus (trained here when missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=8, help="samples per seed")
     p.add_argument("--length", type=int, default=128)
@@ -55,11 +78,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="held-out batches of 8 sequences for the likelihood")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = p.parse_args()
-    for run in (args.adapted, args.scratch):
-        if not (run / "checkpoints" / "latest").exists():
-            sys.exit(f"{run}: no finished run there; `make demo` writes runs/adapt-smollm2-cpu, `make demo-scratch` "
-                     "runs/demo-cpu")
-    ensure_ar_judge(args.ar_judge)
+    if not (args.adapted / "checkpoints" / "latest").exists():
+        sys.exit(f"{args.adapted}: no finished run there; `make demo` writes runs/adapt-smollm2-cpu")
+    ensure_scratch_data(SCRATCH_DATA)
+    ensure_run("configs/demo-cpu.toml", args.scratch, SCRATCH_DATA)
+    ensure_run("configs/ar-demo-cpu.toml", args.ar_judge, SCRATCH_DATA)
 
     from unmask.eval.api import likelihood, load_reference, samples_at, text_baselines
     from unmask.eval.genppl import generative_perplexity
