@@ -4,7 +4,7 @@ the linear schedule is the integral of this curve over t in (0, 1], so its mean 
 approximates it). Prints one row per t, and for scale two unigram predictors of the same tokens: their own
 frequencies (an oracle: a held-out split of a few documents has its own names) and the training split's (fair).
 
-    python bench/nelbo_by_t.py runs/adapt-smollm2-cpu [--val data/shakespeare-smollm2/val] [--batches 2]
+    python bench/nelbo_by_t.py runs/adapt-smollm2-cpu [--val data/bbc-smollm2/val] [--batches 2]
 
 Prints figures; asserts nothing.
 """
