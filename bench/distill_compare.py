@@ -9,6 +9,15 @@ seed, judged by the same reference with the same sample count and length. Rows a
     python bench/distill_compare.py                     # the full comparison (hours on 2 CPU cores)
     python bench/distill_compare.py --teacher-steps 30 --rounds 2 --steps-per-round 4 --samples 2 \\
         --steps 8 16 --seeds 0 1 --length 32 --out-dir runs/distill-compare-smoke   # the smoke test
+    python bench/distill_compare.py --adapted --device cuda    # step-limited teachers: SmolLM2-135M adapted
+
+--adapted swaps the from-scratch teachers for SmolLM2-135M adapted on the demo's BBC News shards (scripts/demo.sh
+makes data/bbc-smollm2) into each kind of diffusion LM (adapt-smollm2-cpu.toml, mdlm, and its duo twin
+adapt-duo-smollm2-cpu.toml), distilled with distill-adapt-cpu.toml (SDTT) and distill-dcd-adapt-cpu.toml (DCD),
+64 -> 16 steps in 2 rounds. These teachers are limited by their number of steps (the adapted mdlm teacher at 16
+steps scores about twice its 1024-step generative perplexity), which the from-scratch ones are not. On 2 CPU cores a
+duo row at 1024 steps costs 1025 forwards of the 135M model (about 24 minutes per set of 4 x 64 tokens): run it
+where there is a GPU (--device cuda).
 
 Everything finished is read back, not redone: trained runs (train and distill resume a killed run from its last
 checkpoint) and every (method, model, steps, seed) sample set (rows/*.json). The table, the verdicts, each
@@ -32,6 +41,8 @@ from unmask.distill.evaluate import summarise, verdicts  # noqa: E402
 # method -> (teacher config, distill config); the teacher of each is the method's own pretraining objective
 METHODS = {"mdlm+sdtt": ("demo-cpu.toml", "distill-demo-cpu.toml"),
            "duo+dcd": ("duo-demo-cpu.toml", "distill-dcd-demo-cpu.toml")}
+ADAPTED = {"mdlm+sdtt": ("adapt-smollm2-cpu.toml", "distill-adapt-cpu.toml"),  # --adapted: SmolLM2 is the source
+           "duo+dcd": ("adapt-duo-smollm2-cpu.toml", "distill-dcd-adapt-cpu.toml")}
 
 
 def last_step(run_dir: Path) -> int:
@@ -62,13 +73,17 @@ def teacher_steps_of(config: str) -> int:
 
 def train_models(args, method: str) -> tuple[Path, Path, dict]:
     """The method's teacher and student run dirs, trained now unless finished before, and their wall seconds."""
-    teacher_cfg, distill_cfg = METHODS[method]
+    teacher_cfg, distill_cfg = (ADAPTED if args.adapted else METHODS)[method]
     data = [f"--data.train_dir={args.shards / 'train'}", f"--data.val_dir={args.shards / 'val'}"]
     steps = args.teacher_steps or teacher_steps_of(teacher_cfg)
     teacher = args.out_dir / f"{method.split('+')[0]}-teacher"
     cmd = [sys.executable, "-m", "unmask", "train", str(ROOT / "configs" / teacher_cfg), *data,
            f"--train.steps={steps}", f"--train.run_dir={teacher}"]
-    if method.startswith("duo"):  # Duo's curriculum over the same fraction of training whatever the budget
+    if args.adapted:
+        from unmask.eval.genppl import smollm2_path
+
+        cmd += ["--init-from", str(smollm2_path())]
+    elif method.startswith("duo"):  # Duo's curriculum over the same fraction of training whatever the budget
         cmd += [f"--diffusion.curriculum_start={steps // 10}", f"--diffusion.curriculum_end={steps // 5}"]
     seconds = {"teacher_train_s": train_or_reuse(cmd, teacher, steps, args.out_dir / "logs" / f"{teacher.name}.log")}
     student = args.out_dir / f"{method.split('+')[1]}-student"
@@ -108,14 +123,14 @@ def measure(args, method: str, teacher: Path, student: Path, reference) -> tuple
     torch.set_num_threads(args.threads)
     rows = []
     for model, run_dir, steps_list in (("teacher", teacher, args.steps), ("student", student, args.student_steps)):
-        loaded = load(run_dir)
+        loaded = load(run_dir, args.device)
         for steps in steps_list:
             sets = [sample_set(args, loaded, reference, args.out_dir / "rows" /
                                f"{method}-{model}-{steps}-L{args.length}-n{args.samples}-s{seed}.json", steps, seed)
                     for seed in args.seeds]
             rows.append({"method": method, **summarise(model, steps, sets)})
             print(f"  {format_row(rows[-1])}", flush=True)
-    nelbo = likelihood(load(teacher), str(args.shards / "val"), batches=args.nelbo_batches, batch_size=8)
+    nelbo = likelihood(load(teacher, args.device), str(args.shards / "val"), batches=args.nelbo_batches, batch_size=8)
     return rows, nelbo
 
 
@@ -143,8 +158,11 @@ def method_verdicts(rows: list[dict]) -> dict[str, list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shards", type=Path, default=ROOT / "data" / "shakespeare-512",
-                   help="prepare-data output with train/ and val/ (scripts/demo-scratch.sh makes it)")
+    p.add_argument("--shards", type=Path, default=None,
+                   help="prepare-data output with train/ and val/ (default data/shakespeare-512 from "
+                   "scripts/demo-scratch.sh; --adapted: data/bbc-smollm2 from scripts/demo.sh)")
+    p.add_argument("--adapted", action="store_true", help="teachers adapted from SmolLM2-135M (see the docstring)")
+    p.add_argument("--device", default="cpu", help="where sampling, judging and the NELBO run (cpu, cuda)")
     p.add_argument("--teacher-steps", type=int, default=None, help="each teacher's steps (default the configs')")
     p.add_argument("--rounds", type=int, default=None, help="distillation rounds (default the configs': 4)")
     p.add_argument("--steps-per-round", type=int, default=None, help="optimizer steps a round (default 400)")
@@ -158,15 +176,20 @@ def main() -> None:
     p.add_argument("--nelbo-batches", type=int, default=16, help="held-out batches of 8 for each teacher's NELBO")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=2, help="torch threads while sampling and judging")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "distill-compare")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default runs/distill-compare (--adapted: runs/distill-compare-adapted)")
     args = p.parse_args()
+    suffix = "-adapted" if args.adapted else ""
+    args.shards = args.shards or ROOT / "data" / ("bbc-smollm2" if args.adapted else "shakespeare-512")
+    args.out_dir = args.out_dir or ROOT / "runs" / f"distill-compare{suffix}"
     if not (args.shards / "train" / "manifest.json").is_file():
-        raise SystemExit(f"{args.shards}: no train/manifest.json; make the shards with scripts/demo-scratch.sh "
-                         "(steps 1-2) or pass --shards")
+        script = "scripts/demo.sh" if args.adapted else "scripts/demo-scratch.sh"
+        raise SystemExit(f"{args.shards}: no train/manifest.json; make the shards with {script} (steps 1-2) or pass "
+                         "--shards")
     command = "python bench/distill_compare.py " + " ".join(sys.argv[1:])
     from unmask.eval.api import load_reference
 
-    reference = load_reference(args.reference)
+    reference = load_reference(args.reference, args.device)
     rows, teachers = [], {}
     for method in args.methods:
         print(f"== {method}: train (or reuse) the teacher, distil it", flush=True)

@@ -215,14 +215,15 @@ class Config(Section):
 
     def _check_adaptation(self) -> None:
         d, p = self.diffusion, self.parallel
-        if self.model.shift_logits and d.objective != "mdlm":
-            raise ValueError(f"model.shift_logits adapts a causal LM to masked diffusion (objective = \"mdlm\"); "
+        adaptable = ("mdlm", "duo")  # full-attention diffusion: a causal LM's head and attention carry over
+        if self.model.shift_logits and d.objective not in adaptable:
+            raise ValueError(f"model.shift_logits adapts a causal LM to diffusion (objective = \"mdlm\" or \"duo\"); "
                              f"diffusion.objective={d.objective!r} reads the network unshifted: set "
                              "model.shift_logits=false or diffusion.objective=\"mdlm\"")
-        if d.anneal_steps and d.objective != "mdlm":
-            raise ValueError(f"diffusion.anneal_steps={d.anneal_steps} anneals masked diffusion's attention from "
-                             f"causal to full; diffusion.objective={d.objective!r} has its own fixed attention: set "
-                             "diffusion.anneal_steps=0")
+        if d.anneal_steps and d.objective not in adaptable:
+            raise ValueError(f"diffusion.anneal_steps={d.anneal_steps} anneals a diffusion model's attention from "
+                             f"causal to full (mdlm, duo); diffusion.objective={d.objective!r} has its own fixed "
+                             "attention: set diffusion.anneal_steps=0")
         if d.anneal_steps and self.model.arch != "unmask":
             raise ValueError(f"diffusion.anneal_steps={d.anneal_steps} needs the unmask backbone's attention mask "
                              f"input; model.arch={self.model.arch!r} has none: set diffusion.anneal_steps=0")

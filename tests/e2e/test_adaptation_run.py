@@ -48,10 +48,11 @@ def shards(tmp_path: Path, folder: Path) -> Path:
     return out
 
 
-def run(data: Path, run_dir: Path, source: Path, faults: str = "") -> subprocess.CompletedProcess:
+def run(data: Path, run_dir: Path, source: Path, faults: str = "", *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "UNMASK_FAULTS": faults}
     cmd = [sys.executable, "-m", "unmask", "train", str(REPO / "configs" / "tiny.toml"), "--init-from", str(source),
-           f"--data.train_dir={data / 'train'}", f"--data.val_dir={data / 'val'}", f"--train.run_dir={run_dir}", *ARGS]
+           f"--data.train_dir={data / 'train'}", f"--data.val_dir={data / 'val'}", f"--train.run_dir={run_dir}", *ARGS,
+           *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
@@ -80,3 +81,21 @@ def test_adaptation_resumes_exactly_after_kill_9_and_ignores_init_from(tmp_path)
     fresh = run(data, tmp_path / "fresh", other)  # the control: from `other`, the same run trains differently
     assert fresh.returncode == 0, fresh.stderr[-4000:]
     assert train_losses(tmp_path / "fresh")[STEPS] != a[STEPS]
+
+
+def test_a_duo_adaptation_trains_from_the_causal_lm_and_samples_with_the_uniform_sampler(tmp_path):
+    """Uniform-state (Duo) adaptation through the CLI: --init-from adds time conditioning to the causal source, the
+    run anneals and trains on uniform noise, and the result is an ordinary duo model to the uniform sampler."""
+    from unmask.eval.api import samples_at
+    from unmask.inference import load
+
+    source = save_llama(tmp_path / "llama", seed=0)
+    data = shards(tmp_path, source)
+    done = run(data, tmp_path / "duo", source, "", "--diffusion.objective=duo", "--model.time_conditioning=true")
+    assert done.returncode == 0, done.stderr[-4000:]
+    losses = train_losses(tmp_path / "duo")
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(map(torch.isfinite, torch.tensor([*losses.values()])))
+    loaded = load(tmp_path / "duo")
+    assert loaded.process == "uniform" and loaded.model_cfg.shift_logits and loaded.model_cfg.time_conditioning
+    row = samples_at(loaded, 4, num_samples=2, length=16, seed=0, keep_texts=True)
+    assert row["nfe"] == 5 and len(row["texts"]) == 2  # 4 ancestral steps and Duo's greedy tail

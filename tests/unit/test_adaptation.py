@@ -14,7 +14,7 @@ from unmask.diffusion.objective import build_objective
 from unmask.diffusion.sampler import SamplerConfig, sample
 from unmask.diffusion.sampler_template import infill_template, prompt_template
 from unmask.model.build import build_model
-from unmask.model.hf.init import read_folder, with_model
+from unmask.model.hf.init import read_folder, with_model, with_time_conditioning
 from unmask.model.hf.lazy import load_into
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,6 +48,30 @@ def test_step_zero_of_an_adapted_model_is_the_source_models_next_token_predictio
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():  # without the shift, position i would hold i's own next-token logits: the test can fail
         assert not torch.allclose(plain.eval()(tokens, attn_mask=c.attention)[:, 1:], got[:, 1:], atol=1e-3)
+
+
+def test_step_zero_of_a_duo_adapted_model_is_the_source_models_next_token_prediction_at_any_t(tmp_path):
+    """Uniform-state (Duo) adaptation: the same shift and annealing, plus the time conditioning --init-from adds
+    (with_time_conditioning), which leaves the source's function unchanged for every t until training moves it."""
+    folder, hf = save(tmp_path, "llama-gqa-untied")
+    fields, state, special = read_folder(folder)
+    base = Config.model_validate({"model": {"shift_logits": True, "time_conditioning": True},
+                                  "diffusion": {"objective": "duo", "anneal_steps": 10}, "train": {"seq_len": 48}})
+    cfg = with_model(base, fields)
+    assert cfg.model.time_conditioning and cfg.model.shift_logits
+    model = load_into(build_model(cfg.model), with_time_conditioning(state, cfg)).eval()
+    objective = build_objective(cfg.diffusion, special.mask, special.pad, seed=0, vocab_size=cfg.model.vocab_size)
+    tokens = torch.randint(4, WORDS, (2, 40), generator=torch.Generator().manual_seed(1))
+    c = objective.corrupt(tokens, BatchKey(step=0, global_batch=2))
+    assert torch.equal(c.attention, torch.ones(40, 40, dtype=torch.bool).tril())  # step 0: the causal mask
+    assert objective.corrupt(tokens, BatchKey(step=10, global_batch=2)).attention is None  # then full attention
+    with torch.no_grad():
+        want = hf(tokens).logits
+        for t in (0.1, 0.9):
+            got = objective.network(model, (tokens, torch.full((2,), t)), c.attention)
+            torch.testing.assert_close(got[:, 1:, : want.shape[-1]], want[:, :-1], atol=1e-5, rtol=1e-5)
+        loss = objective.loss(model, tokens, BatchKey(step=5, global_batch=2)).loss  # mid-anneal, uniform noise
+    assert torch.isfinite(loss)
 
 
 def test_anneal_masks_go_from_causal_to_full_the_same_in_every_layout():
@@ -98,8 +122,9 @@ def test_a_training_step_under_annealing_is_finite_and_uses_the_mask():
 
 @pytest.mark.parametrize("bad, match", [
     ({"parallel": {"pp": 2}, "diffusion": {"anneal_steps": 5}}, "pipeline stages do not carry"),
-    ({"diffusion": {"objective": "bd3lm", "anneal_steps": 5}}, "anneal_steps=5 anneals masked diffusion"),
+    ({"diffusion": {"objective": "bd3lm", "anneal_steps": 5}}, "anneal_steps=5 anneals a diffusion model"),
     ({"model": {"shift_logits": True}, "diffusion": {"objective": "ar"}}, "reads the network unshifted"),
+    ({"diffusion": {"objective": "ar", "anneal_steps": 5}}, "anneal_steps=5 anneals a diffusion model"),
     ({"model": {"arch": "bert", "shift_logits": True, "tie_embeddings": True}}, "BERT/RoBERTa MLMs"),
 ])
 def test_adaptation_settings_that_cannot_work_are_refused_by_name(bad, match):

@@ -138,9 +138,13 @@ class MaskedDiffusion:
             _, masked, _, counts = c.targets
             w = cart_weights((c.inputs[0] != self.mask_id) & (x0 != self.pad_id), self.cfg.cart_p)
             c = Corrupted(c.inputs, (x0, masked, w, counts))
-        # 4. AR adaptation (DiffuLLaMA): attention annealed from causal to full over the first anneal_steps steps.
-        attention = anneal_mask(self.seed, key.step, L, self.cfg.anneal_steps) if self.cfg.anneal_steps else None
-        return c if attention is None else Corrupted(c.inputs, c.targets, attention.to(x0.device))
+        return self.annealed(c, key.step, L, x0.device)
+
+    def annealed(self, c: Corrupted, step: int, length: int, device) -> Corrupted:
+        """`c` under AR adaptation's training attention (DiffuLLaMA): annealed from causal to full over the first
+        anneal_steps steps; unchanged after them, or without annealing."""
+        attention = anneal_mask(self.seed, step, length, self.cfg.anneal_steps) if self.cfg.anneal_steps else None
+        return c if attention is None else Corrupted(c.inputs, c.targets, attention.to(device))
 
     def fractions(self, key: BatchKey, batch: int, draws: int = 1) -> torch.Tensor:
         """Stratified U[0, 1) draws [B, draws] (float64), the same for a sample in any layout; a sample's `draws`

@@ -60,9 +60,8 @@ class UniformDiffusion(MaskedDiffusion):
         dalpha_t / dt [B]), float64."""
         t = self.time_of(self.fractions(key, x0.shape[0])).to(x0.device)  # [B, 1]
         tau = self.curriculum(key.step)
-        if tau is None:
-            return self._resample(x0, t[:, 0], key)
-        return self._gaussian(x0, t[:, 0], key, tau)
+        c = self._resample(x0, t[:, 0], key) if tau is None else self._gaussian(x0, t[:, 0], key, tau)
+        return self.annealed(c, key.step, x0.shape[1], x0.device)  # an adapted AR source (anneal_steps > 0)
 
     def _resample(self, x0: torch.Tensor, t: torch.Tensor, key: BatchKey) -> Corrupted:
         """Forward process q(x_t | x_0): each non-pad token replaced w.p. 1 - alpha_t by a uniform draw."""
