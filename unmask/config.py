@@ -52,8 +52,8 @@ class ModelConfig(Section):
     )
     shift_logits: bool = Field(
         False, description="AR -> diffusion adaptation (Dream, DiffuLLaMA; mdlm or duo): the logits of position i "
-        "come from the hidden state of i-1, so an imported causal LM's head keeps predicting the next token; position 0 reads its "
-        "own. Training, sampling, eval and the export all read the network through it")
+        "come from the hidden state of i-1, so an imported causal LM's head keeps predicting the next token; "
+        "position 0 reads its own. Training, sampling, eval and the export all read the network through it")
 
     @model_validator(mode="before")
     @classmethod
