@@ -112,6 +112,9 @@ def worker(args) -> None:
     dist.all_gather_object(rows, {"result": result, "rss": rss})
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(rows))
+    from unmask.parallel.dims import teardown_parallel
+
+    teardown_parallel()
 
 
 def run_ranks(size: str, micro: int, seq_len: int, stages: list[int], lora: int = 0) -> list[dict]:
@@ -194,7 +197,7 @@ def layout_worker(args) -> None:
     from unmask.data.special import SpecialTokens
     from unmask.diffusion.noise import BatchKey
     from unmask.engines import build_components
-    from unmask.parallel.dims import setup_parallel
+    from unmask.parallel.dims import setup_parallel, teardown_parallel
 
     torch.set_num_threads(1)
     cfg = layout_cfg(args.size, args.vocab, args.seq_len, args.layout, args.dtype)
@@ -214,6 +217,7 @@ def layout_worker(args) -> None:
         dist.all_gather_object(rows, row)
     if dims.rank == 0:
         Path(args.out).write_text(json.dumps(rows))
+    teardown_parallel()  # a rank leaving with its groups alive can abort at exit while its peer still runs
 
 
 def run_layout(layout: str, size: str = "350m", vocab: int = 1024, seq_len: int = 32,
