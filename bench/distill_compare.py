@@ -14,10 +14,10 @@ seed, judged by the same reference with the same sample count and length. Rows a
 --adapted swaps the from-scratch teachers for SmolLM2-135M adapted on the demo's BBC News shards (scripts/demo.sh
 makes data/bbc-smollm2) into each kind of diffusion LM (adapt-smollm2-cpu.toml, mdlm, and its duo twin
 adapt-duo-smollm2-cpu.toml), distilled with distill-adapt-cpu.toml (SDTT) and distill-dcd-adapt-cpu.toml (DCD),
-64 -> 16 steps in 2 rounds. These teachers are limited by their number of steps (the adapted mdlm teacher at 16
-steps scores about twice its 1024-step generative perplexity), which the from-scratch ones are not. On 2 CPU cores a
-duo row at 1024 steps costs 1025 forwards of the 135M model (about 24 minutes per set of 4 x 64 tokens): run it
-where there is a GPU (--device cuda).
+64 -> 16 steps in 2 rounds. The configs' 70 adaptation steps do not make a step-limited teacher (in random order
+the adapted mdlm model scores the same at 16, 64 and 1024 steps: bench/results/adapted-teacher-steps-2026-12-01.md);
+give a GPU run a longer adaptation with --teacher-steps. On 2 CPU cores a duo row at 1024 steps alone costs 1025
+forwards of the 135M model, about 24 minutes per set of 4 x 64 tokens.
 
 Everything finished is read back, not redone: trained runs (train and distill resume a killed run from its last
 checkpoint) and every (method, model, steps, seed) sample set (rows/*.json). The table, the verdicts, each

@@ -99,3 +99,16 @@ def test_a_duo_adaptation_trains_from_the_causal_lm_and_samples_with_the_uniform
     assert loaded.process == "uniform" and loaded.model_cfg.shift_logits and loaded.model_cfg.time_conditioning
     row = samples_at(loaded, 4, num_samples=2, length=16, seed=0, keep_texts=True)
     assert row["nfe"] == 5 and len(row["texts"]) == 2  # 4 ancestral steps and Duo's greedy tail
+    # ... and a teacher for Duo's DCD, which keeps the shifted head and drops the annealing
+    cmd = [sys.executable, "-m", "unmask", "distill", str(REPO / "configs" / "tiny.toml"), "--teacher",
+           str(tmp_path / "duo"), f"--data.train_dir={data / 'train'}", f"--data.val_dir={data / 'val'}",
+           f"--train.run_dir={tmp_path / 'dcd'}", "--distill.objective=dcd", "--distill.start_steps=4",
+           "--distill.final_steps=2", "--distill.steps_per_round=2", "--distill.eval=false", "--train.seq_len=32",
+           "--train.micro_batch_size=4", "--train.val_every=0", "--train.threads=1", "--train.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    distilled = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert distilled.returncode == 0, distilled.stderr[-4000:]
+    assert sorted(train_losses(tmp_path / "dcd")) == [1, 2]
+    student = load(tmp_path / "dcd")
+    assert student.process == "uniform" and student.model_cfg.shift_logits
+    assert student.config.diffusion.anneal_steps == 0
