@@ -234,9 +234,11 @@ def test_build_objective_and_config_errors():
     for bad in ({"prompt_conditioned": True}, {"token_reweighting": "cart"}):
         with pytest.raises(ValueError, match="objective"):
             DiffusionConfig(objective="duo", **bad)
+    # AR adaptation into duo (shift, annealed attention) is accepted; a causal AR run is refused both
+    Config(diffusion=DiffusionConfig(objective="duo", anneal_steps=5),
+           model=ModelConfig(size="tiny", time_conditioning=True, shift_logits=True))
     with pytest.raises(ValueError, match="anneal_steps"):
-        Config(diffusion=DiffusionConfig(objective="duo", anneal_steps=5),
-               model=ModelConfig(size="tiny", time_conditioning=True))
+        Config(diffusion=DiffusionConfig(objective="ar", anneal_steps=5), model=ModelConfig(size="tiny"))
     for end in (5, 0):  # a start without a later end means nothing
         with pytest.raises(ValueError, match="curriculum_start=5 must be below"):
             DiffusionConfig(objective="duo", curriculum_start=5, curriculum_end=end)
