@@ -234,7 +234,7 @@ def test_build_objective_and_config_errors():
     for bad in ({"prompt_conditioned": True}, {"token_reweighting": "cart"}):
         with pytest.raises(ValueError, match="objective"):
             DiffusionConfig(objective="duo", **bad)
-    # AR adaptation into duo (shift, annealed attention) is accepted; a causal AR run is refused both
+    # AR adaptation into duo (shift, annealed attention) is accepted; an AR run is refused the annealing
     Config(diffusion=DiffusionConfig(objective="duo", anneal_steps=5),
            model=ModelConfig(size="tiny", time_conditioning=True, shift_logits=True))
     with pytest.raises(ValueError, match="anneal_steps"):
